@@ -1,0 +1,260 @@
+"""Fitting driver, pairs loading, posterior files and the ``uec-rag fit`` command."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from uec_rag.cli import main
+from uec_rag.coefficients import CoefficientRule, compute_coefficients
+from uec_rag.datasets import DataFormatError, load_beir, load_pairs
+from uec_rag.laplace.fit import _make_batches, fit_posterior
+from uec_rag.laplace.marglik import log_marginal_likelihood
+from uec_rag.laplace.posterior import DiagonalPosterior, PosteriorMismatchError
+from uec_rag.similarity import uncertainty_similarity
+
+# ------------------------------------------------------------------ pairs input
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_load_pairs_jsonl(tmp_path):
+    path = _write_lines(
+        tmp_path / "pairs.jsonl",
+        [
+            json.dumps({"query": "q1", "positive": "p1"}),
+            "",
+            json.dumps({"query": "q2", "positive": "p2", "source": "extra keys are ignored"}),
+        ],
+    )
+    assert load_pairs(path) == [("q1", "p1"), ("q2", "p2")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"query": "q", "positive": ', "invalid JSON"),
+        ('{"query": "q"}', "missing field 'positive'"),
+        ('{"query": 3, "positive": "p"}', "field 'query' must be a string"),
+        ('{"query": "  ", "positive": "p"}', "field 'query' is empty"),
+        ('["q", "p"]', "expected a JSON object"),
+    ],
+)
+def test_load_pairs_names_file_and_line(tmp_path, line, message):
+    path = _write_lines(
+        tmp_path / "pairs.jsonl", [json.dumps({"query": "q", "positive": "p"}), line]
+    )
+    with pytest.raises(DataFormatError, match=message) as error:
+        load_pairs(path)
+    assert error.value.line == 2
+    assert str(path) in str(error.value)
+    assert "line 2" in str(error.value)
+
+
+def test_load_pairs_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BEIR folder or a JSONL file"):
+        load_pairs(tmp_path / "absent.jsonl")
+
+
+def test_load_pairs_empty_file(tmp_path):
+    with pytest.raises(DataFormatError, match="contains no pairs"):
+        load_pairs(_write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_load_pairs_beir_train_split(data_dir):
+    pairs = load_pairs(data_dir / "scifact")
+    dataset = load_beir(data_dir / "scifact", split="train")
+    expected = sum(
+        1 for judged in dataset.qrels.values() for relevance in judged.values() if relevance > 0
+    )
+    assert len(pairs) == expected
+    query_id = next(iter(dataset.qrels))
+    doc_id = next(iter(dataset.qrels[query_id]))
+    assert pairs[0] == (dataset.queries[query_id], dataset.corpus[doc_id])
+
+
+def test_load_pairs_default_split_is_train(data_dir):
+    train = {query for query, _ in load_pairs(data_dir / "xquad-en")}
+    test = {query for query, _ in load_pairs(data_dir / "xquad-en", split="test")}
+    assert len(train) == 230
+    assert not train & test
+
+
+def test_batches_mask_duplicates_and_other_positives():
+    pairs = [("q1", "a"), ("q2", "a"), ("q1", "b"), ("q3", "c")]
+    positives = {"q1": {"a", "b"}, "q2": {"a"}, "q3": {"c"}}
+    (batch,) = _make_batches(pairs, 4, positives)
+    assert batch.passages == ["a", "b", "c"]
+    assert batch.targets.tolist() == [0, 0, 1, 2]
+    assert batch.mask.tolist() == [
+        [True, False, True],
+        [True, True, True],
+        [False, True, True],
+        [True, True, True],
+    ]
+
+
+def test_fit_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        fit_posterior(object(), [("q", "p")])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"pairs\[1\]"):
+        fit_posterior(object(), [("q", "p"), ("q", 3)])  # type: ignore[arg-type, list-item]
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_posterior(object(), [("q", "p")] * 3, batch_size=1)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ real MiniLM fit
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from uec_rag.encoders import load_encoder
+
+    return load_encoder("minilm", posterior=None)
+
+
+@pytest.fixture(scope="module")
+def minilm_fit(minilm, data_dir):
+    pairs = load_pairs(data_dir / "xquad-en")
+    pairs = random.Random(0).sample(pairs, 40)
+    return fit_posterior(minilm, pairs, batch_size=8, held_out_fraction=0.2, show_progress=False)
+
+
+@pytest.mark.slow
+def test_fit_prior_precision_beats_neighbours(minilm, minilm_fit):
+    layer = minilm.layer
+    parameters = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()]).double()
+    best = float(
+        log_marginal_likelihood(
+            -minilm_fit.nll, minilm_fit.curvature, parameters, minilm_fit.prior_precision
+        )
+    )
+    assert best == pytest.approx(minilm_fit.log_marginal_likelihood, rel=1e-9)
+    for factor in (0.5, 2.0):
+        neighbour = float(
+            log_marginal_likelihood(
+                -minilm_fit.nll,
+                minilm_fit.curvature,
+                parameters,
+                minilm_fit.prior_precision * factor,
+            )
+        )
+        assert best > neighbour
+
+
+@pytest.mark.slow
+def test_fit_metadata(minilm, minilm_fit):
+    metadata = minilm_fit.posterior.metadata
+    assert metadata.model_fingerprint == minilm.model_fingerprint()
+    assert metadata.layer_name == minilm.layer_name == "encoder.layer.5.output.dense"
+    assert metadata.curvature == "diag_ggn"
+    assert metadata.temperature == 0.05
+    assert metadata.n_data == minilm_fit.n_fit == 32
+    assert metadata.prior_precision == minilm_fit.prior_precision
+    assert metadata.variance_scale == minilm_fit.variance_scale
+    assert metadata.reference_trace == pytest.approx(minilm_fit.reference_trace)
+    precision = 1.0 / minilm_fit.posterior.weight_variance.double()
+    curvature = minilm_fit.curvature[: minilm.layer.weight.numel()].view_as(precision)
+    torch.testing.assert_close(
+        precision, curvature + minilm_fit.prior_precision, rtol=1e-5, atol=0.0
+    )
+
+
+@pytest.mark.slow
+def test_fit_held_out_scale_not_worse_than_unscaled(minilm_fit):
+    assert minilm_fit.held_out_log_likelihood >= minilm_fit.held_out_log_likelihood_unscaled
+
+
+@pytest.mark.slow
+def test_posterior_file_round_trip(minilm, minilm_fit, tmp_path):
+    from uec_rag.encoders import load_encoder
+
+    path = minilm_fit.posterior.save(tmp_path / "minilm.safetensors")
+    loaded = DiagonalPosterior.load(path)
+    torch.testing.assert_close(loaded.weight_variance, minilm_fit.posterior.weight_variance)
+    torch.testing.assert_close(loaded.bias_variance, minilm_fit.posterior.bias_variance)
+    assert loaded.metadata == minilm_fit.posterior.metadata
+
+    texts = ["Where is the Eiffel Tower?", "Где находится Эйфелева башня?"]
+    expected = minilm.with_posterior(minilm_fit.posterior).encode(texts, "query")
+    reloaded = load_encoder("minilm", posterior=path).encode(texts, "query")
+    np.testing.assert_array_equal(reloaded.variance, expected.variance)
+
+
+@pytest.mark.slow
+def test_posterior_rejected_on_other_model(minilm_fit, tmp_path):
+    from uec_rag.encoders import load_encoder
+
+    path = minilm_fit.posterior.save(tmp_path / "minilm.safetensors")
+    with pytest.raises(PosteriorMismatchError, match="does not belong to this model"):
+        load_encoder("e5-small", posterior=path).encode(["a query"], "query")
+
+
+@pytest.mark.slow
+def test_float16_file_keeps_ranking_and_coefficients(minilm, minilm_fit, data_dir, tmp_path):
+    dataset = load_beir(data_dir / "xquad-en", split="test")
+    query_ids = sorted(dataset.queries)[:60]
+    queries = [dataset.queries[query_id] for query_id in query_ids]
+    documents = list(dataset.corpus.values())
+
+    full = minilm_fit.posterior.save(tmp_path / "fp32.safetensors")
+    half = minilm_fit.posterior.save(tmp_path / "fp16.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    prior_only = minilm.with_posterior(None)
+    results = []
+    for path in (full, half):
+        member = minilm.with_posterior(path)
+        query_gaussians = member.encode(queries, "query")
+        scores = uncertainty_similarity(query_gaussians, member.encode(documents)).score
+        top10 = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        traces = np.stack(
+            [
+                query_gaussians.variance.sum(axis=1),
+                prior_only.encode(queries, "query").variance.sum(axis=1),
+            ],
+            axis=1,
+        )
+        coefficients = compute_coefficients(traces, CoefficientRule())
+        results.append((top10, coefficients))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=2e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.slow
+def test_cli_fit_writes_posterior(data_dir, tmp_path, capsys):
+    pairs = load_pairs(data_dir / "xquad-ru")[:12]
+    data = _write_lines(
+        tmp_path / "pairs.jsonl",
+        [json.dumps({"query": query, "positive": passage}) for query, passage in pairs],
+    )
+    out = tmp_path / "fitted.safetensors"
+    arguments = ["fit", "--model", "minilm", "--data", str(data), "--out", str(out)]
+    arguments += ["--curvature", "ef", "--batch-size", "4", "--held-out", "0.25"]
+    status = main([*arguments, "--dtype", "float16"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    for label in ("prior precision:", "log marginal likelihood:", "variance scale:"):
+        assert label in printed
+    metadata = DiagonalPosterior.load(out).metadata
+    assert metadata.curvature == "empirical_fisher"
+    assert metadata.n_data == 9
+    assert "pairs.jsonl (12 pairs)" in metadata.data
+
+
+def test_cli_fit_reports_bad_line(tmp_path, capsys):
+    data = _write_lines(
+        tmp_path / "pairs.jsonl", [json.dumps({"query": "q", "positive": "p"}), "{bad"]
+    )
+    status = main(["fit", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "x")])
+    assert status == 2
+    assert f"{data}, line 2: invalid JSON" in capsys.readouterr().err

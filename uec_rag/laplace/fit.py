@@ -1,0 +1,527 @@
+"""Fit a diagonal Laplace posterior over an encoder's last linear layer from query-passage pairs.
+
+The driver streams the pairs in batches. For each batch it runs the frozen
+model once without gradients (:meth:`capture`), reruns only the last block's
+output module for the parameter gradients of each text
+(:meth:`embed_from_capture`), and adds the batch's diagonal curvature of the
+InfoNCE negative log-likelihood (:mod:`uec_rag.laplace.curvature`). Memory is
+bounded by one batch of activations plus the ``[P]`` accumulator.
+
+Then
+
+1. the prior precision maximises the Laplace log marginal likelihood
+   (:mod:`uec_rag.laplace.marglik`), with the prior mean at zero;
+2. the posterior precision is ``curvature + prior precision`` and its inverse
+   is the stored variance;
+3. the variance scale ``s`` maximises the held-out InfoNCE log-likelihood of the
+   uncertainty-aware similarity (probit approximation, MacKay 1992)::
+
+       mu_ij = q_i . c_j,
+       var_ij = s sum_d (q_id^2 v_c,jd + c_jd^2 v_q,id) + s^2 sum_d v_q,id v_c,jd,
+       logits_ij = mu_ij / sqrt(1 + pi / 8 var_ij) / temperature,
+
+   where ``v_q`` and ``v_c`` are the embedding variances under the unscaled
+   posterior (they scale linearly with ``s`` under the delta method);
+4. the reference trace is the median trace of the embedding covariance (with
+   the scale applied) over fit texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from uec_rag.laplace.curvature import (
+    CURVATURE_NAMES,
+    DEFAULT_CURVATURE,
+    DEFAULT_TEMPERATURE,
+    Curvature,
+    TextGradients,
+    check_curvature,
+    check_temperature,
+    infonce_curvature,
+)
+from uec_rag.laplace.marglik import optimize_prior_precision
+from uec_rag.laplace.posterior import DiagonalPosterior, PosteriorMetadata
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_HELD_OUT_FRACTION",
+    "FitResult",
+    "FittableMember",
+    "fit_posterior",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+"""Pairs per InfoNCE batch. The curvature costs ``O(B)`` per pair, so larger batches
+(more negatives) cost proportionally more time."""
+
+DEFAULT_HELD_OUT_FRACTION = 0.2
+"""Share of the pairs kept out of the curvature and used to choose the variance scale."""
+
+REFERENCE_TEXTS = 256
+"""Maximum number of fit texts (queries and passages) whose median trace is the reference trace."""
+
+_SCALE_RANGE = 1e4
+"""Candidate scales put ``pi / 8`` times the median similarity variance between
+``1 / _SCALE_RANGE`` (the variance barely changes a logit) and ``_SCALE_RANGE``."""
+
+
+class FittableMember(Protocol):
+    """Encoder interface used by fitting: the hooks API and a way to set the posterior."""
+
+    @property
+    def layer(self) -> nn.Linear: ...
+
+    @property
+    def layer_name(self) -> str: ...
+
+    def model_fingerprint(self) -> str: ...
+
+    def capture(self, texts: Sequence[str], kind: Any = "document") -> Any: ...
+
+    def embed_from_capture(
+        self, captured: Any, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def with_posterior(self, posterior: DiagonalPosterior) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`fit_posterior`.
+
+    Attributes
+    ----------
+    posterior : DiagonalPosterior
+        The fitted posterior, with all metadata set.
+    prior_precision : float
+        Maximiser of the Laplace log marginal likelihood.
+    log_marginal_likelihood : float
+        Laplace log marginal likelihood at that prior precision.
+    effective_parameters : float
+        ``sum_p h_p / (h_p + prior_precision)``.
+    nll : float
+        InfoNCE negative log-likelihood of the fit pairs at the pretrained weights.
+    variance_scale : float
+        Chosen on the held-out pairs (1.0 when there are fewer than two).
+    held_out_log_likelihood : float or None
+        Mean held-out InfoNCE log-likelihood per query at the chosen scale.
+    held_out_log_likelihood_unscaled : float or None
+        The same at scale 1.
+    held_out_log_likelihood_deterministic : float or None
+        The same with zero variance (the plain InfoNCE likelihood of the means).
+    reference_trace : float
+        Median embedding-covariance trace over fit texts, scale applied.
+    n_fit : int
+        Pairs used for the curvature.
+    n_held_out : int
+        Pairs used for the variance scale.
+    seconds : float
+        Wall-clock time of the whole fit.
+    curvature : torch.Tensor
+        The summed diagonal curvature ``[P]`` (float64; weight entries first, row-major,
+        then the bias), from which the prior precision was chosen.
+    """
+
+    posterior: DiagonalPosterior
+    prior_precision: float
+    log_marginal_likelihood: float
+    effective_parameters: float
+    nll: float
+    variance_scale: float
+    held_out_log_likelihood: float | None
+    held_out_log_likelihood_unscaled: float | None
+    held_out_log_likelihood_deterministic: float | None
+    reference_trace: float
+    n_fit: int
+    n_held_out: int
+    seconds: float
+    curvature: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Batch:
+    queries: list[str]
+    passages: list[str]
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+def _make_batches(
+    pairs: Sequence[tuple[str, str]], batch_size: int, positives: dict[str, set[str]]
+) -> list[_Batch]:
+    """Group pairs into batches whose candidates are the batch's distinct passages.
+
+    A column that is another positive of the same query is masked out of that
+    query's softmax, so a duplicate passage or a second positive never counts
+    as a negative.
+    """
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        passages: list[str] = []
+        column: dict[str, int] = {}
+        for _, passage in chunk:
+            if passage not in column:
+                column[passage] = len(passages)
+                passages.append(passage)
+        targets = torch.tensor([column[passage] for _, passage in chunk], dtype=torch.long)
+        mask = torch.ones(len(chunk), len(passages), dtype=torch.bool)
+        for row, (query, passage) in enumerate(chunk):
+            for other in positives[query]:
+                if other != passage and other in column:
+                    mask[row, column[other]] = False
+        batches.append(_Batch([query for query, _ in chunk], passages, targets, mask))
+    return batches
+
+
+def _slice_capture(captured: Any, index: int) -> Any:
+    """Return the capture of text ``index`` alone, cut to its attended tokens.
+
+    Works on any dataclass with an ``attention_mask [B, T]`` field whose tensor
+    fields have the batch as first dimension. A field whose second dimension has
+    length ``T`` is taken to be indexed by token there.
+    """
+    mask = captured.attention_mask
+    batch, length = mask.shape
+    positions = torch.nonzero(mask[index], as_tuple=True)[0]
+    values = {}
+    for item in dataclasses.fields(captured):
+        value = getattr(captured, item.name)
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            value = value[index : index + 1]
+            if value.ndim >= 2 and value.shape[1] == length:
+                value = value[:, positions]
+        values[item.name] = value
+    return dataclasses.replace(captured, **values)
+
+
+def _text_gradients(member: FittableMember, captured: Any) -> TextGradients:
+    """Build ``(index, cotangents [m, D]) -> [m, P]`` for the texts of one capture.
+
+    The capture's ``residual`` enters the block output as ``z = W a + b + r``, so the
+    gradient with respect to ``r`` is the gradient ``delta [T, H]`` with respect to the
+    layer output. Autograd runs once per text through the block output module,
+    pooling and normalisation, and the weight gradient is one matrix product
+    ``delta^T a`` per cotangent.
+    """
+    pullbacks: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def gradients(index: int, cotangents: torch.Tensor) -> torch.Tensor:
+        if index not in pullbacks:
+            single = _slice_capture(captured, index)
+
+            def embed(residual: torch.Tensor, single: Any = single) -> torch.Tensor:
+                return member.embed_from_capture(dataclasses.replace(single, residual=residual))
+
+            _, pullback = torch.func.vjp(embed, single.residual)
+            pullbacks[index] = (pullback, single.activations[0])
+        pullback, activations = pullbacks[index]
+        (delta,) = torch.func.vmap(pullback)(cotangents[:, None, :].to(activations.dtype))
+        delta = delta[:, 0]  # [m, T, H]
+        copies = cotangents.shape[0]
+        grad_weight = torch.matmul(delta.transpose(1, 2), activations)  # [m, H, I]
+        grad_bias = delta.sum(dim=1)
+        return torch.cat([grad_weight.reshape(copies, -1), grad_bias], dim=1)
+
+    return gradients
+
+
+def _accumulate_curvature(
+    member: FittableMember,
+    batches: list[_Batch],
+    temperature: float,
+    curvature: Curvature,
+    show_progress: bool,
+) -> tuple[torch.Tensor, float]:
+    layer = member.layer
+    total = torch.zeros(layer.weight.numel() + layer.bias.numel(), dtype=torch.float64)
+    nll = 0.0
+    progress = tqdm(
+        total=sum(len(batch.queries) for batch in batches),
+        desc=f"curvature ({curvature})",
+        unit="pair",
+        disable=not show_progress,
+    )
+    with progress:
+        for batch in batches:
+            query_capture = member.capture(batch.queries, "query")
+            passage_capture = member.capture(batch.passages, "document")
+            with torch.no_grad():
+                queries = member.embed_from_capture(query_capture)
+                passages = member.embed_from_capture(passage_capture)
+            result = infonce_curvature(
+                queries,
+                passages,
+                batch.targets,
+                _text_gradients(member, query_capture),
+                _text_gradients(member, passage_capture),
+                temperature=temperature,
+                curvature=curvature,
+                mask=batch.mask,
+            )
+            total += result.diagonal.double()
+            nll += result.nll
+            progress.update(len(batch.queries))
+    return total, nll
+
+
+def _probit_log_likelihood(
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float,
+    temperature: float,
+) -> float:
+    """Mean held-out InfoNCE log-likelihood of the probit similarity at variance scale ``scale``."""
+    total = 0.0
+    count = 0
+    for terms, targets, mask in batches:
+        mean, linear, quadratic = terms
+        variance = scale * linear + scale**2 * quadratic
+        logits = mean / torch.sqrt(1.0 + math.pi / 8.0 * variance) / temperature
+        logits = logits.masked_fill(~mask, float("-inf"))
+        log_probs = torch.log_softmax(logits, dim=1)
+        total += float(log_probs[torch.arange(len(targets)), targets].sum())
+        count += len(targets)
+    return total / count
+
+
+def _select_variance_scale(
+    member: Any, batches: list[_Batch], temperature: float
+) -> tuple[float, float, float, float]:
+    """Return the scale and the held-out log-likelihood at it, at scale 1 and at variance 0."""
+    prepared = []
+    for batch in batches:
+        query = member.encode(batch.queries, "query", show_progress=False)
+        passage = member.encode(batch.passages, "document", show_progress=False)
+        mu_q, var_q = (
+            torch.from_numpy(query.mean).double(),
+            torch.from_numpy(query.variance).double(),
+        )
+        mu_c = torch.from_numpy(passage.mean).double()
+        var_c = torch.from_numpy(passage.variance).double()
+        mean = mu_q @ mu_c.T
+        linear = mu_q.square() @ var_c.T + var_q @ mu_c.square().T
+        quadratic = var_q @ var_c.T
+        prepared.append(((mean, linear, quadratic), batch.targets, batch.mask))
+
+    def objective(log_scale: float) -> float:
+        return _probit_log_likelihood(prepared, math.exp(log_scale), temperature)
+
+    unit_variance = torch.cat(
+        [(linear + quadratic).flatten() for (_, linear, quadratic), _, _ in prepared]
+    )
+    centre = -math.log(math.pi / 8.0 * float(unit_variance.median().clamp(min=1e-30)))
+    grid = centre + np.linspace(-math.log(_SCALE_RANGE), math.log(_SCALE_RANGE), 97)
+    values = [objective(float(u)) for u in grid]
+    best = int(np.argmax(values))
+    if best == 0:
+        # NOTE: the similarity then gains nothing from the variance; the smallest
+        # candidate is kept so that traces stay positive for the coefficient rules.
+        logger.warning(
+            "the held-out log-likelihood is best at the smallest candidate variance scale "
+            "%.3g, so the uncertainty-aware similarity gains nothing from the variance",
+            math.exp(grid[0]),
+        )
+    elif best == len(grid) - 1:
+        logger.warning(
+            "the held-out log-likelihood is best at the largest candidate variance scale %.3g",
+            math.exp(grid[-1]),
+        )
+    low = float(grid[max(0, best - 1)])
+    high = float(grid[min(len(grid) - 1, best + 1)])
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(40):
+        left = high - golden * (high - low)
+        right = low + golden * (high - low)
+        if objective(left) >= objective(right):
+            high = right
+        else:
+            low = left
+    log_scale = 0.5 * (low + high)
+    if objective(log_scale) < values[best]:
+        log_scale = float(grid[best])
+    deterministic = _probit_log_likelihood(prepared, 0.0, temperature)
+    return math.exp(log_scale), objective(log_scale), objective(0.0), deterministic
+
+
+def _reference_trace(member: Any, pairs: Sequence[tuple[str, str]], seed: int) -> float:
+    queries = sorted({query for query, _ in pairs})
+    passages = sorted({passage for _, passage in pairs})
+    texts = [(text, "query") for text in queries] + [(text, "document") for text in passages]
+    random.Random(seed).shuffle(texts)
+    texts = texts[:REFERENCE_TEXTS]
+    traces: list[np.ndarray] = []
+    for kind in ("query", "document"):
+        selected = [text for text, text_kind in texts if text_kind == kind]
+        if selected:
+            encoded = member.encode(selected, kind, show_progress=False)
+            traces.append(encoded.variance.astype(np.float64).sum(axis=1))
+    return float(np.median(np.concatenate(traces)))
+
+
+def fit_posterior(
+    member: FittableMember,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    curvature: Curvature = DEFAULT_CURVATURE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    held_out_fraction: float = DEFAULT_HELD_OUT_FRACTION,
+    seed: int = 0,
+    data_description: str = "",
+    show_progress: bool | None = None,
+) -> FitResult:
+    """Fit the diagonal Laplace posterior of ``member``'s last linear layer.
+
+    Parameters
+    ----------
+    member : FittableMember
+        A :class:`~uec_rag.encoders.ProbabilisticEncoder` or
+        :class:`~uec_rag.encoders.head.HeadEncoder`.
+    pairs : Sequence[tuple[str, str]]
+        ``(query, positive passage)`` pairs, e.g. from :func:`uec_rag.datasets.load_pairs`.
+    temperature : float, default=DEFAULT_TEMPERATURE
+        InfoNCE temperature (0.05).
+    curvature : {"ggn", "ef"}, default="ggn"
+        Diagonal generalised Gauss-Newton or diagonal empirical Fisher.
+    batch_size : int, default=DEFAULT_BATCH_SIZE
+        Pairs per InfoNCE batch (8); the other passages of a batch are the negatives.
+    held_out_fraction : float, default=DEFAULT_HELD_OUT_FRACTION
+        Share of the pairs (after a seeded shuffle) held out to choose the
+        variance scale (0.2). With ``0`` or fewer than two held-out pairs the
+        scale is 1.
+    seed : int, default=0
+        Seed of the shuffle and of the reference-trace subsample.
+    data_description : str, default=""
+        Stored in the posterior metadata field ``data``.
+    show_progress : bool or None, default=None
+        Show a tqdm bar; ``None`` shows it for more than 64 pairs.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than two pairs, an argument is out of range, or a
+        pair is not two strings.
+    """
+    started = time.perf_counter()
+    temperature = check_temperature(temperature)
+    curvature = check_curvature(curvature)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {batch_size}")
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    items = list(pairs)
+    for index, pair in enumerate(items):
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and all(isinstance(text, str) for text in pair)
+        ):
+            raise ValueError(
+                f"pairs[{index}] must be a (query, passage) tuple of str, got {pair!r:.80}"
+            )
+    if len(items) < 2:
+        raise ValueError(f"fitting needs at least 2 pairs, got {len(items)}")
+    if show_progress is None:
+        show_progress = len(items) > 64
+
+    positives: dict[str, set[str]] = {}
+    for query, passage in items:
+        positives.setdefault(query, set()).add(passage)
+    random.Random(seed).shuffle(items)
+    n_held_out = round(len(items) * held_out_fraction)
+    if n_held_out < 2:
+        n_held_out = 0
+    fit_pairs, held_out = items[n_held_out:], items[:n_held_out]
+    if len(fit_pairs) < 2:
+        raise ValueError(f"fitting needs at least 2 pairs after holding out {n_held_out}")
+
+    diagonal, nll = _accumulate_curvature(
+        member,
+        _make_batches(fit_pairs, batch_size, positives),
+        temperature,
+        curvature,
+        bool(show_progress),
+    )
+    layer = member.layer
+    parameters = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+    prior = optimize_prior_precision(-nll, diagonal, parameters.double())
+    logger.info(
+        "prior precision %.6g maximises the log marginal likelihood %.6g "
+        "(%.1f effective parameters of %d)",
+        prior.prior_precision,
+        prior.log_marginal_likelihood,
+        prior.effective_parameters,
+        diagonal.numel(),
+    )
+
+    variance = (1.0 / (diagonal + prior.prior_precision)).float()
+    weight_size = layer.weight.numel()
+    metadata = PosteriorMetadata(
+        model_fingerprint=member.model_fingerprint(),
+        layer_name=member.layer_name,
+        prior_precision=prior.prior_precision,
+        curvature=CURVATURE_NAMES[curvature],
+        temperature=temperature,
+        data=data_description or f"{len(fit_pairs)} query-passage pairs",
+        n_data=len(fit_pairs),
+    )
+    posterior = DiagonalPosterior(
+        variance[:weight_size].view_as(layer.weight), variance[weight_size:], metadata
+    )
+
+    scale, held_out_ll, held_out_ll_unscaled, held_out_ll_deterministic = 1.0, None, None, None
+    if held_out:
+        scale, held_out_ll, held_out_ll_unscaled, held_out_ll_deterministic = (
+            _select_variance_scale(
+                member.with_posterior(posterior),
+                _make_batches(held_out, batch_size, positives),
+                temperature,
+            )
+        )
+        logger.info(
+            "variance scale %.4g: held-out log-likelihood %.4f per query "
+            "(%.4f at scale 1, %.4f without variance)",
+            scale,
+            held_out_ll,
+            held_out_ll_unscaled,
+            held_out_ll_deterministic,
+        )
+    posterior = posterior.with_metadata(variance_scale=scale)
+    reference = _reference_trace(member.with_posterior(posterior), fit_pairs, seed)
+    posterior = posterior.with_metadata(reference_trace=reference)
+
+    return FitResult(
+        posterior=posterior,
+        prior_precision=prior.prior_precision,
+        log_marginal_likelihood=prior.log_marginal_likelihood,
+        effective_parameters=prior.effective_parameters,
+        nll=nll,
+        variance_scale=scale,
+        held_out_log_likelihood=held_out_ll,
+        held_out_log_likelihood_unscaled=held_out_ll_unscaled,
+        held_out_log_likelihood_deterministic=held_out_ll_deterministic,
+        reference_trace=reference,
+        n_fit=len(fit_pairs),
+        n_held_out=len(held_out),
+        seconds=time.perf_counter() - started,
+        curvature=diagonal,
+    )
