@@ -280,7 +280,7 @@ def test_sqlite_survives_sigkill_mid_write(tmp_path: Path, delay: float):
     ready = tmp_path / "ready"
     process = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(ready)])
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not ready.exists():
             assert process.poll() is None, "the writer process exited early"
             assert time.monotonic() < deadline, "the writer process never became ready"

@@ -29,6 +29,7 @@ from uec_rag.integrations._common import (
     METADATA_KEYS,
     CachedEnsemble,
     EnsembleSettings,
+    RankedText,
 )
 
 __all__ = ["RETRIEVAL_SCORE_KEY", "UECEmbedding", "UECNodePostprocessor"]
@@ -204,7 +205,7 @@ class UECNodePostprocessor(BaseNodePostprocessor):
         dispatcher.event(ReRankEndEvent(nodes=reranked))
         return reranked
 
-    def _scored_copy(self, item: NodeWithScore, ranked: Any) -> NodeWithScore:
+    def _scored_copy(self, item: NodeWithScore, ranked: RankedText) -> NodeWithScore:
         extra = {key: value for key, value in ranked.metadata().items() if key in METADATA_KEYS}
         hidden = METADATA_KEYS
         if self.keep_retrieval_score:
