@@ -61,6 +61,19 @@ def _brute_force(query_inputs, passage_inputs, targets, mask, weight, bias):
     return ggn, ef
 
 
+def _query_side_curvature(toy_batch, **options):
+    """Run infonce_curvature on ``toy_batch`` with gradients through the queries only."""
+    weight, bias, query_inputs, passage_inputs, targets, _ = toy_batch
+    return infonce_curvature(
+        _embed(query_inputs, weight, bias),
+        _embed(passage_inputs, weight, bias),
+        targets,
+        _text_gradients(query_inputs, weight, bias),
+        None,
+        **options,
+    )
+
+
 @pytest.fixture
 def toy_batch():
     generator = torch.Generator().manual_seed(0)
@@ -99,46 +112,22 @@ def test_curvature_nll_matches_cross_entropy(toy_batch):
     weight, bias, query_inputs, passage_inputs, targets, mask = toy_batch
     queries = _embed(query_inputs, weight, bias)
     passages = _embed(passage_inputs, weight, bias)
-    result = infonce_curvature(
-        queries,
-        passages,
-        targets,
-        _text_gradients(query_inputs, weight, bias),
-        None,
-        temperature=TEMPERATURE,
-        mask=mask,
-    )
+    result = _query_side_curvature(toy_batch, temperature=TEMPERATURE, mask=mask)
     assert result.nll == pytest.approx(
         float(infonce_nll(queries, passages, targets, TEMPERATURE, mask)), rel=1e-6
     )
 
 
 def test_curvature_rejects_masked_target(toy_batch):
-    weight, bias, query_inputs, passage_inputs, targets, mask = toy_batch
-    mask = mask.clone()
+    mask = toy_batch[-1].clone()
     mask[0, 0] = False
     with pytest.raises(ValueError, match="own target"):
-        infonce_curvature(
-            _embed(query_inputs, weight, bias),
-            _embed(passage_inputs, weight, bias),
-            targets,
-            _text_gradients(query_inputs, weight, bias),
-            None,
-            mask=mask,
-        )
+        _query_side_curvature(toy_batch, mask=mask)
 
 
 def test_curvature_rejects_unknown_option(toy_batch):
-    weight, bias, query_inputs, passage_inputs, targets, _ = toy_batch
     with pytest.raises(ValueError, match="curvature must be one of"):
-        infonce_curvature(
-            _embed(query_inputs, weight, bias),
-            _embed(passage_inputs, weight, bias),
-            targets,
-            _text_gradients(query_inputs, weight, bias),
-            None,
-            curvature="kfac",  # type: ignore[arg-type]
-        )
+        _query_side_curvature(toy_batch, curvature="kfac")
 
 
 # laplace-torch reference: a classifier whose last Linear layer feeds the CE logits.

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_folders import sentence_transformers_modules
 
 from uec_rag.encoders import load_encoder, shipped_posterior_path
 from uec_rag.encoders.pooling import PoolingConfig, pool, pooling_weights, read_pooling_config
@@ -461,31 +462,14 @@ def test_pooling_weights_cls_and_last() -> None:
 
 
 def test_read_pooling_config_rejects_dense(tmp_path: Path) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
-    ]
+    modules = sentence_transformers_modules("Dense")
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match=r"sentence_transformers\.models\.Dense"):
         read_pooling_config(tmp_path)
 
 
 def test_read_pooling_config_legacy_cls(tmp_path: Path) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
+    modules = sentence_transformers_modules()
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(

@@ -83,6 +83,11 @@ def test_reduced_real_evaluation(data_dir):
         )
         pytest.skip(f"wrote {EXPECTED.name}; commit it")
 
+    if not EXPECTED.is_file():
+        pytest.skip(
+            f"every row was produced, but {EXPECTED.name} is missing, so the values were not "
+            "compared; write it with UEC_RAG_WRITE_EXPECTED=1"
+        )
     expected = json.loads(EXPECTED.read_text(encoding="utf-8"))
     assert set(observed) == set(expected)
     for name, rows in expected.items():

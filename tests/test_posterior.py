@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from uec_rag.laplace.posterior import (
     PosteriorMetadata,
     PosteriorMismatchError,
     model_fingerprint,
+    posterior_source_from_state,
+    posterior_source_to_state,
 )
 
 CONFIG = {"model_type": "bert", "hidden_size": 4, "intermediate_size": 6, "layer_norm_eps": 1e-12}
@@ -235,3 +238,31 @@ def test_content_hash_depends_on_variances() -> None:
 def test_save_is_atomic_no_leftovers(tmp_path: Path) -> None:
     _posterior(_layer()).save(tmp_path / "p.safetensors")
     assert sorted(item.name for item in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_state_round_trip_exact() -> None:
+    posterior = _posterior(_layer())
+    state = pickle.loads(pickle.dumps(posterior.to_state()))
+    restored = DiagonalPosterior.from_state(state)
+    assert torch.equal(restored.weight_variance, posterior.weight_variance)
+    assert torch.equal(restored.bias_variance, posterior.bias_variance)
+    assert restored.metadata == posterior.metadata
+    assert restored.content_hash() == posterior.content_hash()
+
+
+def test_from_state_rejects_negative_variance() -> None:
+    state = _posterior(_layer()).to_state()
+    state["bias_variance"] = -state["bias_variance"]
+    with pytest.raises(ValueError, match="bias_variance must be >= 0"):
+        DiagonalPosterior.from_state(state)
+
+
+def test_posterior_source_state_conversion(tmp_path: Path) -> None:
+    posterior = _posterior(_layer())
+    restored = posterior_source_from_state(posterior_source_to_state(posterior))
+    assert isinstance(restored, DiagonalPosterior)
+    assert restored.content_hash() == posterior.content_hash()
+    assert posterior_source_to_state(tmp_path / "p.safetensors") == str(tmp_path / "p.safetensors")
+    assert posterior_source_from_state(str(tmp_path)) == str(tmp_path)
+    assert posterior_source_to_state(None) is None
+    assert posterior_source_from_state(None) is None

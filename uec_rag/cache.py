@@ -440,7 +440,7 @@ class SQLiteGaussianCache(GaussianCache):
 
 
 CacheSpec = GaussianCache | str | os.PathLike[str] | None
-"""What :func:`open_cache` accepts."""
+"""Cache specification accepted by :func:`open_cache`."""
 
 
 def open_cache(spec: CacheSpec) -> GaussianCache | None:

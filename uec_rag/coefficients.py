@@ -48,6 +48,7 @@ __all__ = [
     "RULES",
     "CoefficientRule",
     "RuleName",
+    "check_member_embeddings",
     "compute_coefficients",
     "member_traces",
 ]
@@ -101,16 +102,18 @@ class CoefficientRule:
         return cls(**settings)
 
 
-def member_traces(members: Sequence[GaussianEmbedding]) -> np.ndarray:
-    """Stack the covariance traces of K members' embeddings of the same N items.
+def check_member_embeddings(members: Sequence[GaussianEmbedding], caller: str) -> int:
+    """Check that ``members`` are K >= 1 embeddings of the same N items and return N.
 
-    Returns
-    -------
-    np.ndarray
-        float64 array of shape ``[N, K]``.
+    Raises
+    ------
+    ValueError
+        If ``members`` is empty (the message names ``caller``) or the item counts differ.
+    TypeError
+        If a member is not a :class:`GaussianEmbedding`.
     """
     if not members:
-        raise ValueError("member_traces needs at least one member embedding")
+        raise ValueError(f"{caller} needs at least one member embedding")
     for index, member in enumerate(members):
         if not isinstance(member, GaussianEmbedding):
             raise TypeError(
@@ -119,6 +122,18 @@ def member_traces(members: Sequence[GaussianEmbedding]) -> np.ndarray:
     sizes = [len(member) for member in members]
     if len(set(sizes)) != 1:
         raise ValueError(f"member embeddings must hold the same number of items, got {sizes}")
+    return sizes[0]
+
+
+def member_traces(members: Sequence[GaussianEmbedding]) -> np.ndarray:
+    """Stack the covariance traces of K members' embeddings of the same N items.
+
+    Returns
+    -------
+    np.ndarray
+        float64 array of shape ``[N, K]``.
+    """
+    check_member_embeddings(members, "member_traces")
     return np.stack([member.variance.sum(axis=1, dtype=np.float64) for member in members], axis=1)
 
 

@@ -31,7 +31,12 @@ from typing import Literal
 
 import numpy as np
 
-from uec_rag.coefficients import CoefficientRule, compute_coefficients, member_traces
+from uec_rag.coefficients import (
+    CoefficientRule,
+    check_member_embeddings,
+    compute_coefficients,
+    member_traces,
+)
 from uec_rag.gaussian import GaussianEmbedding
 
 __all__ = [
@@ -47,19 +52,12 @@ Combination = Literal["convolution", "direct_sum"]
 COMBINATIONS: tuple[Combination, ...] = ("convolution", "direct_sum")
 
 
-def _check(members: Sequence[GaussianEmbedding], coefficients: np.ndarray) -> np.ndarray:
-    if not members:
-        raise ValueError("at least one member embedding is required")
-    for index, member in enumerate(members):
-        if not isinstance(member, GaussianEmbedding):
-            raise TypeError(
-                f"members[{index}] must be a GaussianEmbedding, got {type(member).__name__}"
-            )
-    sizes = [len(member) for member in members]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"member embeddings must hold the same number of items, got {sizes}")
+def _check(
+    members: Sequence[GaussianEmbedding], coefficients: np.ndarray, caller: str
+) -> np.ndarray:
+    n_items = check_member_embeddings(members, caller)
     coefficients = np.asarray(coefficients, dtype=np.float32)
-    expected = (sizes[0], len(members))
+    expected = (n_items, len(members))
     if coefficients.shape != expected:
         raise ValueError(
             f"coefficients must have shape [N, K] = {list(expected)}, "
@@ -93,7 +91,7 @@ def convolution(
         If the members' dimensions differ (use :func:`direct_sum`), or on bad
         coefficients.
     """
-    coefficients = _check(members, coefficients)
+    coefficients = _check(members, coefficients, "convolution")
     dims = [member.dim for member in members]
     if len(set(dims)) != 1:
         raise ValueError(
@@ -126,7 +124,7 @@ def direct_sum(members: Sequence[GaussianEmbedding], coefficients: np.ndarray) -
         Shape ``[N, D_1 + ... + D_K]``: block means ``sqrt(pi_k) mu_k`` and
         block variances ``pi_k var_k``.
     """
-    coefficients = _check(members, coefficients)
+    coefficients = _check(members, coefficients, "direct_sum")
     scales = np.sqrt(coefficients)
     shape = (len(members[0]), sum(member.dim for member in members))
     mean = np.empty(shape, dtype=np.float32)

@@ -62,9 +62,7 @@ class GaussianEmbedding:
         negative = variance < 0
         if negative.any():
             index = _first_bad_index(negative)
-            raise ValueError(
-                f"variance must be >= 0, got {variance[index]} at index {index}"
-            )
+            raise ValueError(f"variance must be >= 0, got {variance[index]} at index {index}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "variance", variance)
 
@@ -99,7 +97,9 @@ class GaussianEmbedding:
             raise ValueError("concatenate needs at least one GaussianEmbedding")
         dims = {part.dim for part in parts}
         if len(dims) != 1:
-            raise ValueError(f"cannot concatenate embeddings of different dimensions {sorted(dims)}")
+            raise ValueError(
+                f"cannot concatenate embeddings of different dimensions {sorted(dims)}"
+            )
         return cls(
             np.concatenate([part.mean for part in parts]),
             np.concatenate([part.variance for part in parts]),

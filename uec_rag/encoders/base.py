@@ -68,9 +68,7 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     items = list(texts)
     for index, text in enumerate(items):
         if not isinstance(text, str):
-            raise TypeError(
-                f"texts[{index}] must be str, got {type(text).__name__}: {text!r:.80}"
-            )
+            raise TypeError(f"texts[{index}] must be str, got {type(text).__name__}: {text!r:.80}")
     return items
 
 

@@ -34,8 +34,9 @@ from uec_rag.gaussian import GaussianEmbedding
 from uec_rag.laplace.posterior import (
     DEFAULT_PRIOR_PRECISION,
     DiagonalPosterior,
-    PosteriorMetadata,
     model_fingerprint,
+    posterior_source_from_state,
+    posterior_source_to_state,
 )
 
 __all__ = ["HEAD_LAYER_NAME", "HeadCapture", "HeadEncoder"]
@@ -346,18 +347,9 @@ class HeadEncoder:
     # ---------------------------------------------------------------- pickling
 
     def __getstate__(self) -> dict[str, Any]:
-        source = self._posterior_source
-        if isinstance(source, DiagonalPosterior):
-            source = {
-                "weight_variance": source.weight_variance.numpy(),
-                "bias_variance": source.bias_variance.numpy(),
-                "metadata": source.metadata.to_strings(),
-            }
-        elif isinstance(source, Path):
-            source = str(source)
         return {
             "embedder": self._embedder,
-            "posterior": source,
+            "posterior": posterior_source_to_state(self._posterior_source),
             "name": self._name,
             "dim": self._dim,
             "prior_precision": self._prior_precision,
@@ -365,16 +357,9 @@ class HeadEncoder:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        source = state["posterior"]
-        if isinstance(source, dict):
-            source = DiagonalPosterior(
-                torch.from_numpy(np.asarray(source["weight_variance"])),
-                torch.from_numpy(np.asarray(source["bias_variance"])),
-                PosteriorMetadata.from_strings(source["metadata"], "pickled posterior"),
-            )
         self.__init__(  # type: ignore[misc]
             state["embedder"],
-            source,
+            posterior_source_from_state(state["posterior"]),
             name=state["name"],
             dim=state["dim"],
             prior_precision=state["prior_precision"],

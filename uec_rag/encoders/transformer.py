@@ -24,8 +24,9 @@ from uec_rag.gaussian import GaussianEmbedding
 from uec_rag.laplace.posterior import (
     DEFAULT_PRIOR_PRECISION,
     DiagonalPosterior,
-    PosteriorMetadata,
     model_fingerprint,
+    posterior_source_from_state,
+    posterior_source_to_state,
 )
 
 __all__ = ["CapturedBatch", "ProbabilisticEncoder", "delta_method_variance"]
@@ -409,7 +410,11 @@ class ProbabilisticEncoder:
         output_module.register_forward_pre_hook(self._record_output_inputs, with_kwargs=True)
         output_module.LayerNorm.register_forward_pre_hook(self._record_pre_norm)
 
-        self._posterior = self._resolve_posterior(self._posterior_source)
+        self._set_posterior(self._posterior_source)
+
+    def _set_posterior(self, source: DiagonalPosterior | str | Path | None) -> None:
+        """Resolve ``source`` and keep its scaled variances on the model's device."""
+        self._posterior = self._resolve_posterior(source)
         self._weight_variance = self._posterior.scaled_weight_variance.to(self._device)
         self._bias_variance = self._posterior.scaled_bias_variance.to(self._device)
 
@@ -564,8 +569,11 @@ class ProbabilisticEncoder:
             prepared = [text.lower() for text in prepared]
         return prepared
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]] | None, int]:
-        """Tokenize without padding; return ids, token type ids and the number of cut texts."""
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Tokenize without padding and return the token ids and token type ids.
+
+        Logs a warning with the number of texts cut at max_seq_length.
+        """
         with self._tokenizer_lock:
             encoded = self._tokenizer(
                 texts,
@@ -582,7 +590,15 @@ class ProbabilisticEncoder:
             # NOTE: slow tokenizers do not report overflow, so a text of exactly
             # max_seq_length tokens is counted as cut.
             truncated = sum(1 for ids in input_ids if len(ids) >= self._max_length)
-        return input_ids, token_type_ids, truncated
+        if truncated:
+            logger.warning(
+                "%s: %d of %d texts are longer than max_seq_length=%d tokens and were truncated",
+                self._name,
+                truncated,
+                len(texts),
+                self._max_length,
+            )
+        return input_ids, token_type_ids
 
     def _pad(
         self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None
@@ -620,6 +636,19 @@ class ProbabilisticEncoder:
             )
         return recorder, output.last_hidden_state
 
+    def _delta_method_variance(self, captured: CapturedBatch, pooled: torch.Tensor) -> torch.Tensor:
+        """Apply :func:`delta_method_variance` with this model's posterior and LayerNorm."""
+        return delta_method_variance(
+            captured,
+            weight_variance=self._weight_variance,
+            bias_variance=self._bias_variance,
+            gamma=self._output_module.LayerNorm.weight,
+            eps=self._output_module.LayerNorm.eps,
+            mode=self._pooling.mode,
+            pooled=pooled,
+            normalize=self._pooling.normalize,
+        )
+
     def _embed_batch(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         recorder, hidden = self._forward(inputs)
         mask = inputs["attention_mask"]
@@ -631,16 +660,7 @@ class ProbabilisticEncoder:
             last_hidden_state=hidden,
             attention_mask=mask,
         )
-        variance = delta_method_variance(
-            captured,
-            weight_variance=self._weight_variance,
-            bias_variance=self._bias_variance,
-            gamma=self._output_module.LayerNorm.weight,
-            eps=self._output_module.LayerNorm.eps,
-            mode=self._pooling.mode,
-            pooled=pooled,
-            normalize=self._pooling.normalize,
-        )
+        variance = self._delta_method_variance(captured, pooled)
         mean = F.normalize(pooled, p=2, dim=1) if self._pooling.normalize else pooled
         return mean, variance
 
@@ -700,15 +720,7 @@ class ProbabilisticEncoder:
         if not items:
             return GaussianEmbedding.empty(self.dim)
 
-        input_ids, token_type_ids, truncated = self._tokenize(self._prepare(items, kind))
-        if truncated:
-            logger.warning(
-                "%s: %d of %d texts are longer than max_seq_length=%d tokens and were truncated",
-                self._name,
-                truncated,
-                len(items),
-                self._max_length,
-            )
+        input_ids, token_type_ids = self._tokenize(self._prepare(items, kind))
 
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
         means = np.empty((len(items), self.dim), dtype=np.float32)
@@ -756,15 +768,7 @@ class ProbabilisticEncoder:
         self._ensure_loaded()
         if not items:
             raise ValueError("capture needs at least one text")
-        input_ids, token_type_ids, truncated = self._tokenize(self._prepare(items, kind))
-        if truncated:
-            logger.warning(
-                "%s: %d of %d texts are longer than max_seq_length=%d tokens and were truncated",
-                self._name,
-                truncated,
-                len(items),
-                self._max_length,
-            )
+        input_ids, token_type_ids = self._tokenize(self._prepare(items, kind))
         inputs = self._pad(input_ids, token_type_ids)
         with torch.inference_mode():
             recorder, hidden = self._forward(inputs)
@@ -831,16 +835,7 @@ class ProbabilisticEncoder:
         self._ensure_loaded()
         pooled, _ = pool(self._pooling.mode, captured.last_hidden_state, captured.attention_mask)
         with torch.no_grad():
-            return delta_method_variance(
-                captured,
-                weight_variance=self._weight_variance,
-                bias_variance=self._bias_variance,
-                gamma=self._output_module.LayerNorm.weight,
-                eps=self._output_module.LayerNorm.eps,
-                mode=self._pooling.mode,
-                pooled=pooled,
-                normalize=self._pooling.normalize,
-            )
+            return self._delta_method_variance(captured, pooled)
 
     def with_posterior(
         self, posterior: DiagonalPosterior | str | Path | None
@@ -865,27 +860,16 @@ class ProbabilisticEncoder:
         # The shared model's hooks write into this encoder's thread-local recorder.
         clone._local = self._local
         clone._tokenizer_lock = self._tokenizer_lock
-        clone._posterior = clone._resolve_posterior(posterior)
-        clone._weight_variance = clone._posterior.scaled_weight_variance.to(self._device)
-        clone._bias_variance = clone._posterior.scaled_bias_variance.to(self._device)
+        clone._set_posterior(posterior)
         clone._loaded = True
         return clone
 
     # ---------------------------------------------------------------- pickling
 
     def __getstate__(self) -> dict[str, Any]:
-        source = self._posterior_source
-        if isinstance(source, DiagonalPosterior):
-            source = {
-                "weight_variance": source.weight_variance.numpy(),
-                "bias_variance": source.bias_variance.numpy(),
-                "metadata": source.metadata.to_strings(),
-            }
-        elif isinstance(source, Path):
-            source = str(source)
         return {
             "model_path": self._model_path,
-            "posterior": source,
+            "posterior": posterior_source_to_state(self._posterior_source),
             "name": self._name,
             "query_prefix": self._query_prefix,
             "document_prefix": self._document_prefix,
@@ -897,15 +881,8 @@ class ProbabilisticEncoder:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        source = state["posterior"]
-        if isinstance(source, dict):
-            source = DiagonalPosterior(
-                torch.from_numpy(np.asarray(source["weight_variance"])),
-                torch.from_numpy(np.asarray(source["bias_variance"])),
-                PosteriorMetadata.from_strings(source["metadata"], "pickled posterior"),
-            )
         self._model_path = state["model_path"]
-        self._posterior_source = source
+        self._posterior_source = posterior_source_from_state(state["posterior"])
         self._name = state["name"]
         self._query_prefix = state["query_prefix"]
         self._document_prefix = state["document_prefix"]

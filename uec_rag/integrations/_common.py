@@ -11,7 +11,7 @@ Both frameworks' embedding models and rerankers reduce to two operations:
   them sorted, with the score's mean and standard deviation and each text's
   per-member coefficients.
 
-:class:`EnsembleSettings` holds the pydantic fields that both frameworks'
+:class:`EnsembleSettings` contains the pydantic fields that both frameworks'
 classes share, and builds the :class:`CachedEnsemble` lazily, so a framework
 object is cheap to construct, pickles as its settings, and reloads its models
 on first use in another process.
@@ -112,7 +112,7 @@ def build_ensemble(
     model_kwargs : mapping, optional
         Keyword arguments for :func:`uec_rag.encoders.load_encoder`, applied to
         every member given by name or path. A loaded model is reused by every
-        ensemble in the process that asks for the same name and settings.
+        ensemble in the process that requests the same name and settings.
 
     Raises
     ------

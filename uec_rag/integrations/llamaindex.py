@@ -134,15 +134,16 @@ class UECNodePostprocessor(BaseNodePostprocessor):
     Notes
     -----
     The node text scored is ``node.get_content(metadata_mode=MetadataMode.EMBED)``,
-    the text the embedding model saw; the query is ``query_bundle.query_str``
-    (the bundle's embedding is never used, because the async path leaves it
-    unset). The returned nodes are copies with ``score`` set to the
-    uncertainty-aware score (a Python float) and metadata keys
-    ``uec_score_mean`` (``mu_s``), ``uec_score_std`` (``sigma_s``) and
-    ``uec_coefficients`` (``{member name: coefficient}``); these keys are added
-    to the node's ``excluded_llm_metadata_keys`` and
-    ``excluded_embed_metadata_keys``, so they never reach a prompt or change
-    the embedded text. It emits ``ReRankStartEvent`` and ``ReRankEndEvent``.
+    the text the embedding model saw. The query is ``query_bundle.query_str``.
+    The bundle's embedding is not used, because the async path leaves it unset.
+
+    The returned nodes are copies with ``score`` set to the uncertainty-aware
+    score (a Python float) and metadata keys ``uec_score_mean`` (``mu_s``),
+    ``uec_score_std`` (``sigma_s``) and ``uec_coefficients``
+    (``{member name: coefficient}``). These keys are added to the node's
+    ``excluded_llm_metadata_keys`` and ``excluded_embed_metadata_keys``, so
+    they stay out of LLM prompts and out of the embedded text. It emits
+    ``ReRankStartEvent`` and ``ReRankEndEvent``.
     """
 
     top_n: int = Field(default=3, ge=1, description="Number of nodes to return.")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -37,6 +38,8 @@ __all__ = [
     "PosteriorMetadata",
     "PosteriorMismatchError",
     "model_fingerprint",
+    "posterior_source_from_state",
+    "posterior_source_to_state",
 ]
 
 FORMAT_NAME = "uec_rag.diagonal_posterior.v1"
@@ -343,6 +346,23 @@ class DiagonalPosterior:
             self.weight_variance, self.bias_variance, replace(self.metadata, **changes)
         )
 
+    def to_state(self) -> dict[str, Any]:
+        """Return the tensors as numpy arrays and the metadata as strings, for pickling."""
+        return {
+            "weight_variance": self.weight_variance.numpy(),
+            "bias_variance": self.bias_variance.numpy(),
+            "metadata": self.metadata.to_strings(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DiagonalPosterior:
+        """Rebuild a posterior from the output of :meth:`to_state`, validating it again."""
+        return cls(
+            torch.from_numpy(np.asarray(state["weight_variance"])),
+            torch.from_numpy(np.asarray(state["bias_variance"])),
+            PosteriorMetadata.from_strings(state["metadata"], "pickled posterior"),
+        )
+
     def check_compatible(self, fingerprint: str) -> None:
         """Raise :class:`PosteriorMismatchError` unless ``fingerprint`` is this posterior's model.
 
@@ -429,3 +449,30 @@ class DiagonalPosterior:
         _check_variance("weight_variance", weight, tuple(weight.shape), source)
         _check_variance("bias_variance", bias, (weight.shape[0],), source)
         return cls(weight, bias, metadata)
+
+
+def posterior_source_to_state(
+    source: DiagonalPosterior | str | Path | None,
+) -> dict[str, Any] | str | None:
+    """Convert an encoder's ``posterior`` argument to a picklable value.
+
+    A :class:`DiagonalPosterior` becomes the mapping of :meth:`DiagonalPosterior.to_state`
+    and a ``Path`` becomes a string. Other values are returned unchanged.
+    """
+    if isinstance(source, DiagonalPosterior):
+        return source.to_state()
+    if isinstance(source, Path):
+        return str(source)
+    return source
+
+
+def posterior_source_from_state(
+    state: dict[str, Any] | str | None,
+) -> DiagonalPosterior | str | None:
+    """Convert the output of :func:`posterior_source_to_state` back into a ``posterior`` argument.
+
+    A mapping becomes a :class:`DiagonalPosterior`. Other values are returned unchanged.
+    """
+    if isinstance(state, dict):
+        return DiagonalPosterior.from_state(state)
+    return state
