@@ -25,41 +25,9 @@ from pathlib import Path
 
 from langchain_core.documents import Document
 from langchain_core.vectorstores import InMemoryVectorStore
+from parallel_corpus import format_weights, load_parallel_data
 
-from uec_rag.datasets import BeirDataset, load_beir
 from uec_rag.integrations.langchain import UECEmbeddings, UECReranker
-
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample_corpus"
-LANGUAGES = ("en", "ru", "zh", "ar")
-
-
-def load_parallel_data(data: Path | None, max_documents: int) -> tuple[str, dict[str, BeirDataset]]:
-    """Load the English corpus and the questions of every language found.
-
-    Returns the data set name and ``{language: dataset}``. XQuAD is cut to its
-    first ``max_documents`` passages (by id) and the questions they answer.
-    """
-    if data is not None and (data / "xquad-en").is_dir():
-        name, folders = "XQuAD", {lang: data / f"xquad-{lang}" for lang in LANGUAGES}
-    else:
-        name, folders = (
-            "sample corpus",
-            {lang: SAMPLE_CORPUS / f"sample-{lang}" for lang in LANGUAGES},
-        )
-    datasets = {lang: load_beir(path, "test") for lang, path in folders.items() if path.is_dir()}
-
-    indexed_ids = set(sorted(datasets["en"].corpus)[:max_documents])
-    for dataset in datasets.values():
-        dataset.corpus = {
-            doc_id: text for doc_id, text in dataset.corpus.items() if doc_id in indexed_ids
-        }
-        dataset.qrels = {
-            query_id: judged
-            for query_id, judged in dataset.qrels.items()
-            if set(judged) <= indexed_ids
-        }
-        dataset.queries = {query_id: dataset.queries[query_id] for query_id in dataset.qrels}
-    return name, datasets
 
 
 def main() -> None:
@@ -110,7 +78,7 @@ def main() -> None:
                 continue
             query_weights = core.encode([query], "query").coefficient_dict(0)
             print(f"\n[{language}] {query}")
-            print("  query coefficients: " + _format_weights(query_weights))
+            print("  query coefficients: " + format_weights(query_weights))
             for rank, document in enumerate(
                 reranker.compress_documents(retriever.invoke(query), query), start=1
             ):
@@ -119,14 +87,10 @@ def main() -> None:
                 print(
                     f" {mark}{rank}. {document.id:>8}  score {metadata['relevance_score']:+.4f}"
                     f"  sigma_s {metadata['uec_score_std']:.4f}"
-                    f"  coefficients {_format_weights(metadata['uec_coefficients'])}"
+                    f"  coefficients {format_weights(metadata['uec_coefficients'])}"
                 )
                 print(f"      {document.page_content[:100]!r}")
     print("\n* marks the passage that answers the question")
-
-
-def _format_weights(weights: dict[str, float]) -> str:
-    return ", ".join(f"{member} {value:.2f}" for member, value in weights.items())
 
 
 if __name__ == "__main__":
