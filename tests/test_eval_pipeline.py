@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from uec_rag.cli import main
 from uec_rag.cli.eval import find_sample_corpus, resolve_data_paths
@@ -332,3 +333,36 @@ def test_encode_tasks_fills_store(data_root, tmp_path):
     results = run_evaluation(tasks, members, store=EmbeddingStore(tmp_path))
     assert results["embedding_store"]["misses"] == 0
     assert [member.calls for member in members] == calls
+
+
+@pytest.mark.slow
+def test_missing_posterior_fitted_and_cached(tmp_path, monkeypatch):
+    from uec_rag.encoders import load_encoder
+    from uec_rag.evaluation.runner import fit_missing_posterior
+
+    monkeypatch.setenv("UEC_RAG_CACHE", str(tmp_path / "cache"))
+    tasks = find_tasks([SAMPLE])
+    member = load_encoder("minilm", posterior=None)
+    assert member.posterior.is_prior_only
+
+    fitted = fit_missing_posterior(member, tasks)
+    metadata = fitted.posterior.metadata
+    assert not fitted.posterior.is_prior_only
+    # 4 folders x 4 train pairs; the fit holds out round(16 * 0.2) = 3 of them.
+    assert metadata.n_data == 13
+    assert "sample-en train (4 pairs)" in metadata.data
+    files = list((tmp_path / "cache" / "posteriors").glob("*.safetensors"))
+    assert len(files) == 1
+
+    again = fit_missing_posterior(load_encoder("minilm", posterior=None), tasks)
+    torch.testing.assert_close(again.posterior.weight_variance, fitted.posterior.weight_variance)
+    assert fit_missing_posterior(fitted, tasks) is fitted
+
+
+@pytest.mark.slow
+def test_missing_posterior_needs_train_pairs(data_root):
+    from uec_rag.encoders import load_encoder
+    from uec_rag.evaluation.runner import fit_missing_posterior
+
+    with pytest.raises(ValueError, match="offer 8 train pairs; fit one with `uec-rag fit`"):
+        fit_missing_posterior(load_encoder("minilm", posterior=None), find_tasks([data_root]))

@@ -45,6 +45,7 @@ __all__ = [
     "MethodKind",
     "MethodScores",
     "Similarity",
+    "combined_embedding",
     "method_scores",
     "method_top_k",
     "reciprocal_rank_fusion",
@@ -217,12 +218,15 @@ def _fixed_coefficients(
     return np.broadcast_to(row.astype(np.float32), (n_items, n_members))
 
 
-def _combined(
+def combined_embedding(
     method: Method,
     members: Sequence[GaussianEmbedding],
     reference_traces: Sequence[float | None] | None,
 ) -> tuple[GaussianEmbedding, np.ndarray | None]:
-    """Reduce the members to the single Gaussian the method scores, plus its coefficients."""
+    """Reduce the members to the single Gaussian the method scores, plus its coefficients.
+
+    Single members and concatenation return no coefficients (``None``).
+    """
     if method.kind == "single":
         if method.member >= len(members):  # type: ignore[operator]
             raise ValueError(f"member {method.member} does not exist: there are {len(members)}")
@@ -317,8 +321,8 @@ def method_scores(
         )
         return MethodScores(fused)
 
-    queries, query_coefficients = _combined(method, query_members, reference_traces)
-    documents, doc_coefficients = _combined(method, doc_members, reference_traces)
+    queries, query_coefficients = combined_embedding(method, query_members, reference_traces)
+    documents, doc_coefficients = combined_embedding(method, doc_members, reference_traces)
     return MethodScores(
         _similarity(method, queries, documents), query_coefficients, doc_coefficients
     )
@@ -360,8 +364,8 @@ def method_top_k(
         ).scores
         return top_k_from_scores(scores, top_k)
 
-    queries, _ = _combined(method, query_members, reference_traces)
-    documents, _ = _combined(method, doc_members, reference_traces)
+    queries, _ = combined_embedding(method, query_members, reference_traces)
+    documents, _ = combined_embedding(method, doc_members, reference_traces)
     if method.similarity == "inner_product":
         return inner_product_top_k(queries.mean, documents.mean, top_k)
     result = GaussianIndex(documents).search(queries, top_k)

@@ -110,7 +110,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--robustness",
         action="store_true",
-        help="also run every method with sre-embedding-model added as a bad fourth member",
+        help=(
+            "also run every method with sre-embedding-model added as a bad fourth member; "
+            "its posterior is first fitted on up to 400 train pairs of the retrieval sets"
+        ),
     )
 
     parser.add_argument(
@@ -195,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         EvalSettings,
         bad_member_path,
         find_tasks,
+        fit_missing_posterior,
         run_evaluation,
     )
 
@@ -229,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         except (ModuleNotFoundError, FileNotFoundError) as error:
             sys.stderr.write(f"uec-rag eval: {error}\n")
             return 2
-        bad = load_encoder(bad_path)
+        bad = fit_missing_posterior(load_encoder(bad_path), tasks)
     if args.jobs > 1 and store.enabled:
         _encode_in_parallel(tasks, [*members, *([bad] if bad else [])], settings, args.jobs)
 

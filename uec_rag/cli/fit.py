@@ -22,7 +22,8 @@ def add_parser(subparsers: Any) -> None:
             "Fit a diagonal Laplace posterior over the last linear layer of a model from "
             "(query, positive passage) pairs with the in-batch InfoNCE likelihood. The prior "
             "precision maximises the Laplace log marginal likelihood, and the variance scale "
-            "maximises the held-out log-likelihood of the uncertainty-aware similarity."
+            "matches the posterior's covariance trace to the squared distance between "
+            "held-out queries and their positive passages."
         ),
     )
     parser.add_argument(
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     write(f"variance scale: {result.variance_scale:.6g}\n")
     if result.held_out_log_likelihood is not None:
         write(
-            f"held-out log-likelihood per query: {result.held_out_log_likelihood:.4f} "
+            "held-out InfoNCE log-likelihood per query of the uncertainty-aware similarity: "
+            f"{result.held_out_log_likelihood:.4f} "
             f"(scale 1: {result.held_out_log_likelihood_unscaled:.4f}, "
             f"no variance: {result.held_out_log_likelihood_deterministic:.4f})\n"
         )

@@ -16,7 +16,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 
 from uec_rag.coefficients import CoefficientRule
-from uec_rag.fusion import Method, _combined, reciprocal_rank_fusion
+from uec_rag.fusion import Method, combined_embedding, reciprocal_rank_fusion
 from uec_rag.gaussian import GaussianEmbedding
 from uec_rag.similarity import document_terms, probit_score, query_terms
 
@@ -220,8 +220,8 @@ def top_hit_sigma(
     """
     if method.kind == "rrf":
         return None
-    queries, _ = _combined(method, query_members, reference_traces)
-    documents, _ = _combined(method, doc_members, reference_traces)
+    queries, _ = combined_embedding(method, query_members, reference_traces)
+    documents, _ = combined_embedding(method, doc_members, reference_traces)
     hits = documents[np.asarray(top_hit)]
     sigma2 = (query_terms(queries) * document_terms(hits)).sum(axis=1, dtype=np.float64)
     return np.sqrt(np.maximum(sigma2, 0.0))
@@ -246,8 +246,8 @@ def pair_scores(
         ]
         return reciprocal_rank_fusion(per_member, k=method.rrf_k)[0]
 
-    left, _ = _combined(method, left_members, reference_traces)
-    right, _ = _combined(method, right_members, reference_traces)
+    left, _ = combined_embedding(method, left_members, reference_traces)
+    right, _ = combined_embedding(method, right_members, reference_traces)
     mu_s = (left.mean * right.mean).sum(axis=1, dtype=np.float64)
     if method.similarity == "inner_product":
         return mu_s

@@ -66,6 +66,7 @@ __all__ = [
     "bad_member_path",
     "encode_tasks",
     "find_tasks",
+    "fit_missing_posterior",
     "run_evaluation",
 ]
 
@@ -76,6 +77,9 @@ DEFAULT_MEMBERS: tuple[str, ...] = ("minilm", "mpnet", "e5-small")
 
 BAD_MEMBER_PACKAGE = "sre_embedding_model"
 """Package of the robustness run's extra member (``sre-embedding-model==1.0.0``)."""
+
+FIT_PAIRS = 400
+"""Train pairs drawn for a member that comes without a fitted posterior."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,84 @@ def bad_member_path() -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} not found in the installed sre-embedding-model")
     return folder
+
+
+def fit_missing_posterior(
+    member: Any,
+    tasks: Sequence[Task],
+    *,
+    max_pairs: int = FIT_PAIRS,
+    seed: int = 0,
+) -> Any:
+    """Give a member without a fitted posterior one fitted on the tasks' train pairs.
+
+    A member that ships no posterior (the prior-only fallback) has variances
+    of an arbitrary size, which would decide its ensemble coefficients. This
+    does what a user adding such a member does with ``uec-rag fit``: it fits
+    the diagonal Laplace posterior (default settings, variance scale from
+    held-out pairs) on at most ``max_pairs`` pairs drawn with ``seed`` from the
+    ``qrels/train.tsv`` of every retrieval task. Test qrels are never read. The
+    file is kept in the cache folder, keyed by the model and the data.
+
+    Parameters
+    ----------
+    member : ProbabilisticEncoder
+        The member; returned unchanged when its posterior is already fitted.
+    tasks : sequence of RetrievalTask or StsTask
+        Only retrieval tasks with a train split contribute pairs.
+    max_pairs : int, default FIT_PAIRS
+        Pairs drawn for the fit (400).
+    seed : int, default 0
+        Seed of the draw and of the fit's shuffle.
+
+    Returns
+    -------
+    ProbabilisticEncoder
+        ``member`` with the fitted posterior.
+
+    Raises
+    ------
+    ValueError
+        If the tasks offer fewer than 10 train pairs.
+    """
+    import hashlib
+    import random
+
+    from uec_rag._io import cache_dir
+    from uec_rag.datasets import load_pairs
+    from uec_rag.laplace.fit import fit_posterior
+    from uec_rag.laplace.posterior import DiagonalPosterior
+
+    if not member.posterior.is_prior_only:
+        return member
+    pairs: list[tuple[str, str]] = []
+    sources = []
+    for task in tasks:
+        if isinstance(task, RetrievalTask) and (task.path / "qrels" / "train.tsv").is_file():
+            found = load_pairs(task.path, "train")
+            pairs.extend(found)
+            sources.append(f"{task.name} train ({len(found)} pairs)")
+    if len(pairs) < 10:
+        raise ValueError(
+            f"{member.name} has no fitted posterior and the evaluation data offer "
+            f"{len(pairs)} train pairs; fit one with `uec-rag fit` and load it"
+        )
+    if len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    description = f"{', '.join(sources)}; {len(pairs)} drawn with seed {seed}"
+    key = hashlib.sha256(
+        f"{member.model_fingerprint()}|{description}|{sorted(pairs)}".encode()
+    ).hexdigest()[:16]
+    path = cache_dir() / "posteriors" / f"{key}.safetensors"
+    if path.is_file():
+        posterior = DiagonalPosterior.load(path)
+    else:
+        logger.info("fitting a posterior for %s on %s", member.name, description)
+        result = fit_posterior(member, pairs, seed=seed, data_description=description)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        posterior = result.posterior
+        posterior.save(path)
+    return member.with_posterior(posterior)
 
 
 def _first(items: dict[str, Any], limit: int | None) -> dict[str, Any]:

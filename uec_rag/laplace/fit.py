@@ -13,15 +13,25 @@ Then
    (:mod:`uec_rag.laplace.marglik`), with the prior mean at zero;
 2. the posterior precision is ``curvature + prior precision`` and its inverse
    is the stored variance;
-3. the variance scale ``s`` maximises the held-out InfoNCE log-likelihood of the
-   uncertainty-aware similarity (probit approximation, MacKay 1992)::
+3. the variance scale ``s`` makes the predicted spread of held-out pairs
+   match the observed one (method of moments). Under the model
+   ``q = z + e_q``, ``c = z + e_c`` with independent ``e ~ N(0, s Sigma)``, a
+   query and its positive passage differ by ``E ||q - c||^2 = s (tr Sigma_q +
+   tr Sigma_c)``, so::
+
+       s = sum_i ||mu(q_i) - mu(c_i)||^2 / sum_i (tr Sigma(q_i) + tr Sigma(c_i)),
+
+   with ``Sigma`` under the unscaled posterior (the delta-method variance is
+   linear in ``s``). Each member's traces are thereby measured in the units of
+   its own held-out error, which makes them comparable across members. The fit
+   also reports the held-out InfoNCE log-likelihood of the uncertainty-aware
+   similarity (probit approximation, MacKay 1992) at ``s``, at scale 1 and
+   without variance::
 
        mu_ij = q_i . c_j,
        var_ij = s sum_d (q_id^2 v_c,jd + c_jd^2 v_q,id) + s^2 sum_d v_q,id v_c,jd,
-       logits_ij = mu_ij / sqrt(1 + pi / 8 var_ij) / temperature,
+       logits_ij = mu_ij / sqrt(1 + pi / 8 var_ij) / temperature;
 
-   where ``v_q`` and ``v_c`` are the embedding variances under the unscaled
-   posterior (they scale linearly with ``s`` under the delta method);
 4. the reference trace is the median trace of the embedding covariance (with
    the scale applied) over fit texts.
 """
@@ -74,10 +84,6 @@ DEFAULT_HELD_OUT_FRACTION = 0.2
 
 REFERENCE_TEXTS = 256
 """Maximum number of fit texts (queries and passages) whose median trace is the reference trace."""
-
-_SCALE_RANGE = 1e4
-"""Candidate scales put ``pi / 8`` times the median similarity variance between
-``1 / _SCALE_RANGE`` (the variance barely changes a logit) and ``_SCALE_RANGE``."""
 
 
 class FittableMember(Protocol):
@@ -302,8 +308,13 @@ def _probit_log_likelihood(
 def _select_variance_scale(
     member: Any, batches: list[_Batch], temperature: float
 ) -> tuple[float, float, float, float]:
-    """Return the scale and the held-out log-likelihood at it, at scale 1 and at variance 0."""
+    """Return the moment-matched scale and the held-out log-likelihood at it, at 1 and at 0.
+
+    The member must carry the unscaled posterior (``variance_scale`` 1).
+    """
     prepared = []
+    squared_error = 0.0
+    trace = 0.0
     for batch in batches:
         query = member.encode(batch.queries, "query", show_progress=False)
         passage = member.encode(batch.passages, "document", show_progress=False)
@@ -313,49 +324,31 @@ def _select_variance_scale(
         )
         mu_c = torch.from_numpy(passage.mean).double()
         var_c = torch.from_numpy(passage.variance).double()
+        positive_mean, positive_variance = mu_c[batch.targets], var_c[batch.targets]
+        squared_error += float((mu_q - positive_mean).square().sum())
+        trace += float(var_q.sum() + positive_variance.sum())
         mean = mu_q @ mu_c.T
         linear = mu_q.square() @ var_c.T + var_q @ mu_c.square().T
         quadratic = var_q @ var_c.T
         prepared.append(((mean, linear, quadratic), batch.targets, batch.mask))
 
-    def objective(log_scale: float) -> float:
-        return _probit_log_likelihood(prepared, math.exp(log_scale), temperature)
-
-    unit_variance = torch.cat(
-        [(linear + quadratic).flatten() for (_, linear, quadratic), _, _ in prepared]
+    if not (trace > 0.0 and math.isfinite(trace)):
+        raise ValueError(
+            f"invalid covariance trace {trace} over the held-out pairs: the posterior "
+            "variances must be finite and positive; check the posterior"
+        )
+    if squared_error <= 0.0:
+        raise ValueError(
+            "every held-out query embeds exactly onto its positive passage, so the "
+            "variance scale would be 0; hold out pairs whose texts differ"
+        )
+    scale = squared_error / trace
+    return (
+        scale,
+        _probit_log_likelihood(prepared, scale, temperature),
+        _probit_log_likelihood(prepared, 1.0, temperature),
+        _probit_log_likelihood(prepared, 0.0, temperature),
     )
-    centre = -math.log(math.pi / 8.0 * float(unit_variance.median().clamp(min=1e-30)))
-    grid = centre + np.linspace(-math.log(_SCALE_RANGE), math.log(_SCALE_RANGE), 97)
-    values = [objective(float(u)) for u in grid]
-    best = int(np.argmax(values))
-    if best == 0:
-        # NOTE: the similarity then gains nothing from the variance; the smallest
-        # candidate is kept so that traces stay positive for the coefficient rules.
-        logger.warning(
-            "the held-out log-likelihood is best at the smallest candidate variance scale "
-            "%.3g, so the uncertainty-aware similarity gains nothing from the variance",
-            math.exp(grid[0]),
-        )
-    elif best == len(grid) - 1:
-        logger.warning(
-            "the held-out log-likelihood is best at the largest candidate variance scale %.3g",
-            math.exp(grid[-1]),
-        )
-    low = float(grid[max(0, best - 1)])
-    high = float(grid[min(len(grid) - 1, best + 1)])
-    golden = (math.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(40):
-        left = high - golden * (high - low)
-        right = low + golden * (high - low)
-        if objective(left) >= objective(right):
-            high = right
-        else:
-            low = left
-    log_scale = 0.5 * (low + high)
-    if objective(log_scale) < values[best]:
-        log_scale = float(grid[best])
-    deterministic = _probit_log_likelihood(prepared, 0.0, temperature)
-    return math.exp(log_scale), objective(log_scale), objective(0.0), deterministic
 
 
 def _reference_trace(member: Any, pairs: Sequence[tuple[str, str]], seed: int) -> float:
