@@ -15,8 +15,9 @@ Not a test. Three parts, each printing Markdown rows for docs/benchmarks.md:
 ``real``
     Top-10 agreement of float16 / uint8 storage with float32 on real queries:
     the bundled members encode the data sets under ``$UEC_RAG_DATA``
-    (per-member embeddings are cached under ``$UEC_RAG_CACHE/bench_scoring``),
-    are combined by UEC (``direct_sum``, default rule) and searched.
+    (through the evaluation's embedding store, so embeddings that ``uec-rag
+    eval`` already computed are read back), are combined by UEC
+    (``direct_sum``, default rule) and searched.
 
 Usage::
 
@@ -196,32 +197,17 @@ def run_search(args: argparse.Namespace) -> None:
     write()
 
 
-def cached_member_embeddings(
-    member_name: str, dataset: str, kind: str, texts: list[str], cache: Path
-) -> GaussianEmbedding:
-    path = cache / f"{dataset}.{member_name}.{kind}.npz"
-    if path.is_file():
-        with np.load(path) as stored:
-            if stored["mean"].shape[0] == len(texts):
-                return GaussianEmbedding(stored["mean"], stored["variance"])
-    from uec_rag.encoders import load_encoder
-
-    member = load_encoder(member_name)
-    embedding = member.encode(texts, kind, show_progress=True)  # type: ignore[arg-type]
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mean=embedding.mean, variance=embedding.variance)
-    return embedding
-
-
 def run_real(args: argparse.Namespace) -> None:
     from uec_rag.combine import combine_members
     from uec_rag.datasets import load_beir
+    from uec_rag.encoders import load_encoder
+    from uec_rag.evaluation.embedding_store import EmbeddingStore
 
     data = os.environ.get("UEC_RAG_DATA")
     if not data:
         raise SystemExit("set UEC_RAG_DATA to the folder holding the BEIR data sets")
-    cache = Path(os.environ.get("UEC_RAG_CACHE", Path.home() / ".cache" / "uec_rag"))
-    cache = cache / "bench_scoring"
+    store = EmbeddingStore()
+    members = [load_encoder(name) for name in args.members]
 
     write(f"### Reduced-precision top-{args.top_k} agreement with float32, real queries")
     write()
@@ -236,12 +222,12 @@ def run_real(args: argparse.Namespace) -> None:
         doc_texts = [dataset.corpus[i] for i in doc_ids]
         query_texts = [dataset.queries[i] for i in query_ids]
         doc_members = [
-            cached_member_embeddings(member, name, "document", doc_texts, cache)
-            for member in args.members
+            store.encode(member, doc_texts, "document", description=f"{name} documents")
+            for member in members
         ]
         query_members = [
-            cached_member_embeddings(member, name, "query", query_texts, cache)
-            for member in args.members
+            store.encode(member, query_texts, "query", description=f"{name} test")
+            for member in members
         ]
         documents, _ = combine_members(doc_members)
         queries, _ = combine_members(query_members)

@@ -350,7 +350,8 @@ def test_missing_posterior_fitted_and_cached(tmp_path, monkeypatch):
     assert not fitted.posterior.is_prior_only
     # 4 folders x 4 train pairs; the fit holds out round(16 * 0.2) = 3 of them.
     assert metadata.n_data == 13
-    assert "sample-en train (4 pairs)" in metadata.data
+    assert "sample-en/qrels/train.tsv (4 pairs)" in metadata.data
+    assert "drawn" not in metadata.data
     files = list((tmp_path / "cache" / "posteriors").glob("*.safetensors"))
     assert len(files) == 1
 

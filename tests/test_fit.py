@@ -11,7 +11,7 @@ import torch
 
 from uec_rag.cli import main
 from uec_rag.coefficients import CoefficientRule, compute_coefficients
-from uec_rag.datasets import DataFormatError, load_beir, load_pairs
+from uec_rag.datasets import DataFormatError, gather_pairs, load_beir, load_pairs
 from uec_rag.laplace.fit import _make_batches, fit_posterior
 from uec_rag.laplace.marglik import log_marginal_likelihood
 from uec_rag.laplace.posterior import DiagonalPosterior, PosteriorMismatchError
@@ -85,6 +85,23 @@ def test_load_pairs_default_split_is_train(data_dir):
     test = {query for query, _ in load_pairs(data_dir / "xquad-en", split="test")}
     assert len(train) == 230
     assert not train & test
+
+
+def test_gather_pairs_describes_sources_and_draw(tmp_path):
+    lines = [json.dumps({"query": f"q{i}", "positive": f"p{i}"}) for i in range(6)]
+    first = _write_lines(tmp_path / "a.jsonl", lines[:4])
+    second = _write_lines(tmp_path / "b.jsonl", lines[4:])
+
+    pairs, description = gather_pairs([first, second])
+    assert pairs == [(f"q{i}", f"p{i}") for i in range(6)]
+    assert description == "a.jsonl (4 pairs), b.jsonl (2 pairs)"
+
+    drawn, description = gather_pairs([first, second], max_pairs=3, seed=5)
+    assert drawn == random.Random(5).sample(pairs, 3)
+    assert description == "a.jsonl (4 pairs), b.jsonl (2 pairs); 3 drawn with seed 5"
+
+    # Asking for more pairs than there are keeps all of them and mentions no draw.
+    assert gather_pairs([first], max_pairs=10) == (pairs[:4], "a.jsonl (4 pairs)")
 
 
 def test_batches_mask_duplicates_and_other_positives():

@@ -394,7 +394,7 @@ def convert_squad_to_beir(
     return target
 
 
-__all__ += ["load_pairs"]
+__all__ += ["gather_pairs", "load_pairs"]
 
 
 def load_pairs(path: str | Path, split: str = "train") -> list[tuple[str, str]]:
@@ -455,3 +455,52 @@ def load_pairs(path: str | Path, split: str = "train") -> list[tuple[str, str]]:
     if not pairs:
         raise DataFormatError(root, 0, "the file contains no pairs")
     return pairs
+
+
+def gather_pairs(
+    paths: list[Path],
+    split: str = "train",
+    *,
+    max_pairs: int | None = None,
+    seed: int = 0,
+) -> tuple[list[tuple[str, str]], str]:
+    """Load the pairs of several sources, draw at most ``max_pairs`` and describe them.
+
+    Parameters
+    ----------
+    paths : list of Path
+        BEIR folders or pairs JSONL files, each read with :func:`load_pairs`.
+    split : str, default ``"train"``
+        Qrels split of the BEIR folders.
+    max_pairs : int or None, default None
+        Keep at most this many pairs, drawn at random with ``seed``; None keeps all.
+    seed : int, default 0
+        Seed of the draw.
+
+    Returns
+    -------
+    pairs : list[tuple[str, str]]
+        The pairs, in file order when none were drawn.
+    description : str
+        Each source with its pair count, followed by the draw when there was one,
+        e.g. ``"xquad-en/qrels/train.tsv (230 pairs); 100 drawn with seed 0"``.
+
+    Raises
+    ------
+    FileNotFoundError, DataFormatError
+        As :func:`load_pairs`.
+    """
+    import random
+
+    pairs: list[tuple[str, str]] = []
+    parts = []
+    for path in paths:
+        loaded = load_pairs(path, split=split)
+        pairs.extend(loaded)
+        source = f"{path.name}/qrels/{split}.tsv" if path.is_dir() else path.name
+        parts.append(f"{source} ({len(loaded)} pairs)")
+    description = ", ".join(parts)
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+        description += f"; {max_pairs} drawn with seed {seed}"
+    return pairs, description

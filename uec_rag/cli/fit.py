@@ -83,21 +83,11 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def _describe(paths: list[Path], split: str, counts: list[int]) -> str:
-    parts = []
-    for path, count in zip(paths, counts, strict=True):
-        source = f"{path.name}/qrels/{split}.tsv" if path.is_dir() else path.name
-        parts.append(f"{source} ({count} pairs)")
-    return ", ".join(parts)
-
-
 def run(args: argparse.Namespace) -> int:
     """Fit, save and report; return the exit status (0 on success, 2 on bad input)."""
-    import random
-
     import torch
 
-    from uec_rag.datasets import DataFormatError, load_pairs
+    from uec_rag.datasets import DataFormatError, gather_pairs
     from uec_rag.encoders import load_encoder
     from uec_rag.laplace.fit import fit_posterior
 
@@ -106,20 +96,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: --max-pairs must be >= 2, got {args.max_pairs}\n")
         return 2
 
-    pairs: list[tuple[str, str]] = []
-    counts = []
     try:
-        for path in args.data:
-            loaded = load_pairs(path, split=args.split)
-            counts.append(len(loaded))
-            pairs.extend(loaded)
+        pairs, description = gather_pairs(
+            args.data, args.split, max_pairs=args.max_pairs, seed=args.seed
+        )
     except (FileNotFoundError, DataFormatError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
-    description = _describe(args.data, args.split, counts)
-    if args.max_pairs is not None and len(pairs) > args.max_pairs:
-        pairs = random.Random(args.seed).sample(pairs, args.max_pairs)
-        description += f"; {args.max_pairs} drawn with seed {args.seed}"
 
     member = load_encoder(args.model, posterior=None)
     try:

@@ -261,30 +261,25 @@ def fit_missing_posterior(
         If the tasks offer fewer than 10 train pairs.
     """
     import hashlib
-    import random
 
     from uec_rag._io import cache_dir
-    from uec_rag.datasets import load_pairs
+    from uec_rag.datasets import gather_pairs
     from uec_rag.laplace.fit import fit_posterior
     from uec_rag.laplace.posterior import DiagonalPosterior
 
     if not member.posterior.is_prior_only:
         return member
-    pairs: list[tuple[str, str]] = []
-    sources = []
-    for task in tasks:
-        if isinstance(task, RetrievalTask) and (task.path / "qrels" / "train.tsv").is_file():
-            found = load_pairs(task.path, "train")
-            pairs.extend(found)
-            sources.append(f"{task.name} train ({len(found)} pairs)")
+    sources = [
+        task.path
+        for task in tasks
+        if isinstance(task, RetrievalTask) and (task.path / "qrels" / "train.tsv").is_file()
+    ]
+    pairs, description = gather_pairs(sources, "train", max_pairs=max_pairs, seed=seed)
     if len(pairs) < 10:
         raise ValueError(
             f"{member.name} has no fitted posterior and the evaluation data offer "
             f"{len(pairs)} train pairs; fit one with `uec-rag fit` and load it"
         )
-    if len(pairs) > max_pairs:
-        pairs = random.Random(seed).sample(pairs, max_pairs)
-    description = f"{', '.join(sources)}; {len(pairs)} drawn with seed {seed}"
     key = hashlib.sha256(
         f"{member.model_fingerprint()}|{description}|{sorted(pairs)}".encode()
     ).hexdigest()[:16]
@@ -379,6 +374,36 @@ def _tune(grid: list[Method], objective: Callable[[Method], float]) -> tuple[Met
         if value > best_value:
             best_method, best_value = candidate, value
     return best_method, float(best_value), len(grid)
+
+
+def _resolve_method(
+    entry: MethodEntry,
+    grids: tuple[list[Method], list[Method]] | None,
+    objective: Callable[[Method], float],
+    *,
+    missing: str,
+    metric: str,
+) -> tuple[Method, dict[str, Any]]:
+    """Return the method a row scores with, and how it was tuned.
+
+    A row with fixed settings keeps them. A tuned row takes the grid point with
+    the best ``objective`` on the tuning data (``grids`` contains the weighted
+    ensemble's and tuned UEC's grids), or the defaults when there is no tuning
+    data, in which case ``missing`` says what was absent.
+    """
+    if entry.tuned is None:
+        assert entry.method is not None
+        return entry.method, {}
+    if grids is None:
+        default = (
+            Method("fixed", "direct_sum", similarity="inner_product")
+            if entry.tuned == "weights"
+            else Method("uec", "direct_sum")
+        )
+        return default, {"tuned": False, "note": f"{missing}; defaults used"}
+    weighted_grid, uec_grid = grids
+    method, value, size = _tune(weighted_grid if entry.tuned == "weights" else uec_grid, objective)
+    return method, {"tuned": True, "grid_points": size, metric: value}
 
 
 def _grids(
@@ -563,37 +588,25 @@ def _evaluate_retrieval(
     references = [member.reference_trace for member in members]
 
     entries = build_methods(labels, [m.dim for m in members], rrf_k=settings.rrf_k)
-    if train is not None:
-        weighted_grid, uec_grid_methods = _grids(
-            labels, encoded.parts["train"], references, settings
-        )
+    grids = (
+        _grids(labels, encoded.parts["train"], references, settings) if train is not None else None
+    )
     rows: dict[str, dict[str, Any]] = {}
     coefficients: dict[str, dict[str, dict[str, float]]] = {}
     test_scores: dict[str, np.ndarray] = {}
     for entry in entries:
         if entry.label == ORACLE:
             continue
-        method = entry.method
-        tuning: dict[str, Any] = {}
-        if entry.tuned is not None:
-            if train is None:
-                method = (
-                    Method("fixed", "direct_sum", similarity="inner_product")
-                    if entry.tuned == "weights"
-                    else Method("uec", "direct_sum")
-                )
-                tuning = {"tuned": False, "note": "no train split; defaults used"}
-            else:
-                grid = weighted_grid if entry.tuned == "weights" else uec_grid_methods
-                method, value, size = _tune(
-                    grid,
-                    lambda candidate, entry=entry: _mean_ndcg(
-                        _retrieval_scores(entry, candidate, encoded, "train", references)[0],
-                        splits["train"].judgements,
-                    ),
-                )
-                tuning = {"tuned": True, "grid_points": size, "train_ndcg@10": value}
-        assert method is not None
+        method, tuning = _resolve_method(
+            entry,
+            grids,
+            lambda candidate, entry=entry: _mean_ndcg(
+                _retrieval_scores(entry, candidate, encoded, "train", references)[0],
+                splits["train"].judgements,
+            ),
+            missing="no train split",
+            metric="train_ndcg@10",
+        )
         scores, query_coefficients = _retrieval_scores(entry, method, encoded, "test", references)
         test_scores[entry.label] = scores
         metrics = retrieval_metrics(scores, splits["test"].judgements)
@@ -753,32 +766,22 @@ def _evaluate_sts(
         return spearman(predicted, gold)
 
     entries = build_methods(labels, [m.dim for m in members], rrf_k=settings.rrf_k)
-    if dev is not None:
-        weighted_grid, uec_grid_methods = _grids(
-            labels, encoded.parts["dev1"] + encoded.parts["dev2"], references, settings
-        )
+    grids = (
+        _grids(labels, encoded.parts["dev1"] + encoded.parts["dev2"], references, settings)
+        if dev is not None
+        else None
+    )
     rows: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if entry.label == ORACLE:
             continue
-        method = entry.method
-        tuning: dict[str, Any] = {}
-        if entry.tuned is not None:
-            if dev is None:
-                method = (
-                    Method("fixed", "direct_sum", similarity="inner_product")
-                    if entry.tuned == "weights"
-                    else Method("uec", "direct_sum")
-                )
-                tuning = {"tuned": False, "note": "no dev file; defaults used"}
-            else:
-                grid = weighted_grid if entry.tuned == "weights" else uec_grid_methods
-                method, value, size = _tune(
-                    grid,
-                    lambda candidate, entry=entry: correlation(candidate, entry, "dev", dev.scores),
-                )
-                tuning = {"tuned": True, "grid_points": size, "dev_spearman": value}
-        assert method is not None
+        method, tuning = _resolve_method(
+            entry,
+            grids,
+            lambda candidate, entry=entry: correlation(candidate, entry, "dev", dev.scores),
+            missing="no dev file",
+            metric="dev_spearman",
+        )
         rows[entry.label] = {
             "spearman": correlation(method, entry, "test", test.scores),
             "family": entry.family,
