@@ -277,6 +277,11 @@ def test_report_and_plots(data_root, tmp_path):
     losses = results["robustness_losses"]["UEC, direct sum"]["ndcg@10"]
     assert losses["loss"] == pytest.approx(losses["clean"] - losses["with_extra_member"])
 
+    # A document with a title and an abstract is printed on one line.
+    example = next(d["example"] for d in clean["datasets"] if d.get("example"))
+    example["reranked_top3"][0]["text"] = "A title\n\nThe abstract"
+    assert "A title The abstract" in terminal_report(results)
+
     for plot in (plot_coefficients, plot_reliability):
         path = plot(clean, tmp_path / "img" / f"{plot.__name__}.png")
         assert path is not None

@@ -259,7 +259,9 @@ def terminal_report(results: dict[str, Any]) -> str:
         ]
         for hit in example["reranked_top3"]:
             mark = "*" if hit["relevant"] else " "
-            parts.append(f"  {mark} {hit['id']}  {hit['uec_score']:.3f}  {hit['text'][:70]}")
+            # Titles and abstracts are joined by blank lines, and the table wants one line.
+            text = " ".join(hit["text"].split())[:70]
+            parts.append(f"  {mark} {hit['id']}  {hit['uec_score']:.3f}  {text}")
 
     if "robustness" in results.get("runs", {}):
         parts += [
