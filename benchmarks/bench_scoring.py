@@ -226,7 +226,7 @@ def run_real(args: argparse.Namespace) -> None:
             for member in members
         ]
         query_members = [
-            store.encode(member, query_texts, "query", description=f"{name} test")
+            store.encode(member, query_texts, "query", description=f"{name} {args.split}")
             for member in members
         ]
         documents, _ = combine_members(doc_members)

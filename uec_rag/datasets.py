@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,8 +491,6 @@ def gather_pairs(
     FileNotFoundError, DataFormatError
         As :func:`load_pairs`.
     """
-    import random
-
     pairs: list[tuple[str, str]] = []
     parts = []
     for path in paths:

@@ -259,7 +259,8 @@ def terminal_report(results: dict[str, Any]) -> str:
         ]
         for hit in example["reranked_top3"]:
             mark = "*" if hit["relevant"] else " "
-            # Titles and abstracts are joined by blank lines, and the table wants one line.
+            # A SciFact document is a title and an abstract joined by a blank line, so
+            # whitespace is collapsed to keep each hit on one line.
             text = " ".join(hit["text"].split())[:70]
             parts.append(f"  {mark} {hit['id']}  {hit['uec_score']:.3f}  {text}")
 

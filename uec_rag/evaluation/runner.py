@@ -389,7 +389,7 @@ def _resolve_method(
     A row with fixed settings keeps them. A tuned row takes the grid point with
     the best ``objective`` on the tuning data (``grids`` contains the weighted
     ensemble's and tuned UEC's grids), or the defaults when there is no tuning
-    data, in which case ``missing`` says what was absent.
+    data, in which case ``missing`` names what was absent.
     """
     if entry.tuned is None:
         assert entry.method is not None
