@@ -205,6 +205,83 @@ def test_scale_matches_held_out_distance(minilm, minilm_fit, minilm_fit_pairs):
     assert minilm_fit.variance_scale == pytest.approx(squared_error / trace, rel=1e-4)
     assert minilm_fit.n_held_out == 8
 
+    # The reference trace is the median scaled trace over the distinct held-out texts.
+    distinct_queries = sorted({query for query, _ in held_out})
+    distinct_passages = sorted({passage for _, passage in held_out})
+    traces = np.concatenate(
+        [
+            unscaled.encode(distinct_queries, "query").variance.astype(np.float64).sum(axis=1),
+            unscaled.encode(distinct_passages).variance.astype(np.float64).sum(axis=1),
+        ]
+    )
+    expected = minilm_fit.variance_scale * float(np.median(traces))
+    assert minilm_fit.reference_trace == pytest.approx(expected, rel=1e-4)
+
+
+_DRIVER_PAIRS = [
+    ("Who wrote it?", "The novel was written by a retired ship's doctor in 1911."),
+    ("When was the bridge opened?", "The bridge opened to traffic in May 1937 after four years."),
+    ("Who wrote it?", "A second edition, revised by the author's daughter, followed."),
+    ("What is the capital?", "Canberra"),
+    (
+        "How tall is the tower and what is it made of?",
+        "The bridge opened to traffic in May 1937 after four years.",
+    ),
+    ("Why?", "Because the river flooded every spring, the town moved uphill."),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_driver_curvature_matches_autograd_on_minilm(minilm, curvature, monkeypatch):
+    """Windowed, length-sorted captures give the curvature of plain padded batches.
+
+    The reference differentiates the masked logits of each batch, computed from one
+    padded capture of its queries and one of its passages, with full autograd, and
+    applies the GGN or empirical Fisher formula to the explicit Jacobian.
+    """
+    from uec_rag.laplace import fit as fit_module
+
+    positives: dict[str, set[str]] = {}
+    for query, passage in _DRIVER_PAIRS:
+        positives.setdefault(query, set()).add(passage)
+    batches = _make_batches(_DRIVER_PAIRS, 3, positives)
+    assert not bool(batches[0].mask.all())  # a second positive is masked out
+    monkeypatch.setattr(fit_module, "CAPTURE_WINDOW", 6)  # both batches share one window
+    monkeypatch.setattr(fit_module, "CAPTURE_BATCH_SIZE", 2)
+    ours, nll = fit_module._accumulate_curvature(minilm, batches, 0.05, curvature, False)
+
+    weight, bias = minilm.layer.weight.detach(), minilm.layer.bias.detach()
+    expected = torch.zeros_like(ours)
+    expected_nll = 0.0
+    for batch in batches:
+        query_capture = minilm.capture(batch.queries, "query")
+        passage_capture = minilm.capture(batch.passages, "document")
+
+        def logits(w, b, query_capture=query_capture, passage_capture=passage_capture, batch=batch):
+            queries = minilm.embed_from_capture(query_capture, w, b)
+            passages = minilm.embed_from_capture(passage_capture, w, b)
+            return (queries @ passages.T / 0.05).masked_fill(~batch.mask, float("-inf"))
+
+        jacobian_weight, jacobian_bias = torch.autograd.functional.jacobian(logits, (weight, bias))
+        jacobian = torch.cat([jacobian_weight.flatten(2), jacobian_bias], dim=2).double()
+        probs = torch.softmax(logits(weight, bias).double(), dim=1)
+        for row, target in enumerate(batch.targets.tolist()):
+            p = probs[row]
+            expected_nll -= float(torch.log(p[target]))
+            if curvature == "ggn":
+                hessian = torch.diag(p) - torch.outer(p, p)
+                expected += torch.einsum("up,uv,vp->p", jacobian[row], hessian, jacobian[row])
+            else:
+                residual = p.clone()
+                residual[target] -= 1.0
+                expected += (residual @ jacobian[row]) ** 2
+
+    assert nll == pytest.approx(expected_nll, rel=1e-4)
+    scale = float(expected.max())
+    torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-5 * scale)
+    assert float((ours - expected).abs().sum() / expected.abs().sum()) < 1e-4
+
 
 @pytest.mark.slow
 def test_posterior_file_round_trip(minilm, minilm_fit, tmp_path):

@@ -169,10 +169,22 @@ def test_head_fit_shrinks_variance(tmp_path):
     )
 
 
+def _spearman(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman rank correlation (no ties expected in real-valued traces)."""
+
+    def ranks(values: np.ndarray) -> np.ndarray:
+        result = np.empty(len(values))
+        result[np.argsort(values, kind="stable")] = np.arange(len(values))
+        return result
+
+    return float(np.corrcoef(ranks(first), ranks(second))[0, 1])
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="measured Spearman -0.10 against the shipped minilm posterior, which stays "
-    "close to its prior (see docs/posteriors.md)",
+    reason="measured Spearman -0.10: layer-mode traces follow the norm of the pooled vector "
+    "before normalisation, which normalised black-box outputs do not carry (see "
+    "docs/posteriors.md, head mode and test_layer_traces_follow_the_pooled_norm)",
     strict=False,
 )
 def test_head_traces_rank_like_layer_mode(data_dir):
@@ -199,11 +211,33 @@ def test_head_traces_rank_like_layer_mode(data_dir):
     layer_traces = layer_mode.encode(texts, "query").variance.sum(axis=1)
     head_traces = head.encode(texts, "query").variance.sum(axis=1)
 
-    def ranks(values: np.ndarray) -> np.ndarray:
-        result = np.empty(len(values))
-        result[np.argsort(values, kind="stable")] = np.arange(len(values))
-        return result
-
-    correlation = float(np.corrcoef(ranks(layer_traces), ranks(head_traces))[0, 1])
+    correlation = _spearman(layer_traces, head_traces)
     print(f"Spearman(head-mode trace, layer-mode trace) over {len(texts)} queries: {correlation}")
     assert correlation > 0.5
+
+
+@pytest.mark.slow
+def test_layer_traces_follow_the_pooled_norm(data_dir):
+    """The layer-mode trace of a normalising model grows as its pooled vector shrinks."""
+    from uec_rag.datasets import load_beir
+    from uec_rag.encoders import load_encoder, shipped_posterior_path
+    from uec_rag.encoders.pooling import pool
+
+    if shipped_posterior_path("minilm") is None:
+        pytest.skip("no shipped minilm posterior")
+    layer_mode = load_encoder("minilm")
+    texts = []
+    for name in ("xquad-en", "xquad-ru", "xquad-zh", "xquad-ar"):
+        dataset = load_beir(data_dir / name, split="test")
+        texts += [dataset.queries[query_id] for query_id in sorted(dataset.queries)[:100]]
+    traces = layer_mode.encode(texts, "query").variance.sum(axis=1)
+    norms = []
+    for start in range(0, len(texts), 50):
+        captured = layer_mode.capture(texts[start : start + 50], "query")
+        pooled, _ = pool("mean", captured.last_hidden_state, captured.attention_mask)
+        norms.append(pooled.norm(dim=1).detach().numpy())
+    inverse_square_norm = 1.0 / np.concatenate(norms) ** 2
+
+    correlation = _spearman(traces, inverse_square_norm)
+    print(f"Spearman(layer-mode trace, 1 / ||pooled||^2) over {len(texts)} queries: {correlation}")
+    assert correlation > 0.7

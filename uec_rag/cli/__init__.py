@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from uec_rag._allocator import keep_freed_memory
 
 __all__ = ["main"]
 
@@ -44,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get("UEC_RAG_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()
     return int(args.run(args) or 0)
 
 

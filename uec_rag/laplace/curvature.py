@@ -74,7 +74,9 @@ DEFAULT_TEMPERATURE = 0.05
 contrastive ``MultipleNegativesRankingLoss`` in sentence-transformers 6.3."""
 
 TextGradients = Callable[[int, torch.Tensor], torch.Tensor]
-"""``(text index, cotangents [m, D]) -> gradients [m, P]`` of ``cotangent . embedding``."""
+"""``(text index, cotangents [m, D]) -> gradients [m, P]`` of ``cotangent . embedding``.
+
+The returned tensor must be new: the curvature adds to it in place."""
 
 CURVATURE_NAMES: dict[str, str] = {"ggn": "diag_ggn", "ef": "empirical_fisher"}
 """Value of the posterior metadata field ``curvature`` for each option."""
@@ -293,9 +295,10 @@ def _gauss_newton(
             if passage_terms is not None:
                 coefficients = -sqrt_probs[i, :, None] * probs[i][None, :]
                 coefficients = coefficients + torch.diag(sqrt_probs[i])
-                gradients = gradients + coefficients @ passage_terms[offset]
-            squares = (gradients**2).sum(dim=0)
-            diagonal = squares if diagonal is None else diagonal + squares
+                gradients.addmm_(coefficients.to(gradients.dtype), passage_terms[offset])
+            # Column sums of squares without a [U, P] temporary.
+            squares = torch.einsum("up,up->p", gradients, gradients)
+            diagonal = squares if diagonal is None else diagonal.add_(squares)
         del passage_terms
 
     assert diagonal is not None

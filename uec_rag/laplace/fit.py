@@ -1,11 +1,15 @@
 """Fit a diagonal Laplace posterior over an encoder's last linear layer from query-passage pairs.
 
-The driver streams the pairs in batches. For each batch it runs the frozen
-model once without gradients (:meth:`capture`), reruns only the last block's
-output module for the parameter gradients of each text
-(:meth:`embed_from_capture`), and adds the batch's diagonal curvature of the
-InfoNCE negative log-likelihood (:mod:`uec_rag.laplace.curvature`). Memory is
-bounded by one batch of activations plus the ``[P]`` accumulator.
+The driver streams the pairs in windows of a few InfoNCE batches. For each
+window it runs the frozen model once without gradients (:meth:`capture`) on
+the window's distinct texts, sorted by length so that little padding is
+computed, and keeps each text's activations cut to its own tokens. For each
+batch it then reruns only the last block's output module for the parameter
+gradients of each text (:meth:`embed_from_capture`) and adds the batch's
+diagonal curvature of the InfoNCE negative log-likelihood
+(:mod:`uec_rag.laplace.curvature`). The batches, and so the likelihood, do
+not depend on the window. Memory is bounded by one window of activations
+plus the ``[P]`` accumulator.
 
 Then
 
@@ -33,7 +37,8 @@ Then
        logits_ij = mu_ij / sqrt(1 + pi / 8 var_ij) / temperature;
 
 4. the reference trace is the median trace of the embedding covariance (with
-   the scale applied) over fit texts.
+   the scale applied) over the distinct held-out texts, which step 3 has
+   already encoded (over up to 256 fit texts when nothing is held out).
 """
 
 from __future__ import annotations
@@ -83,7 +88,14 @@ DEFAULT_HELD_OUT_FRACTION = 0.2
 """Share of the pairs kept out of the curvature and used to choose the variance scale."""
 
 REFERENCE_TEXTS = 256
-"""Maximum number of fit texts (queries and passages) whose median trace is the reference trace."""
+"""Most fit texts whose median trace is the reference trace when nothing is held out."""
+
+CAPTURE_WINDOW = 32
+"""Pairs whose distinct texts are captured together. Larger windows pad less and
+hold more activations (up to about 8 MiB per 384-token text for a base-size model)."""
+
+CAPTURE_BATCH_SIZE = 16
+"""Texts per forward pass while capturing, after sorting a window's texts by length."""
 
 
 class FittableMember(Protocol):
@@ -131,7 +143,8 @@ class FitResult:
     held_out_log_likelihood_deterministic : float or None
         The same with zero variance (the plain InfoNCE likelihood of the means).
     reference_trace : float
-        Median embedding-covariance trace over fit texts, scale applied.
+        Median embedding-covariance trace, scale applied, over the distinct held-out
+        texts (up to 256 fit texts when nothing is held out).
     n_fit : int
         Pairs used for the curvature.
     n_held_out : int
@@ -200,7 +213,8 @@ def _slice_capture(captured: Any, index: int) -> Any:
 
     Works on any dataclass with an ``attention_mask [B, T]`` field whose tensor
     fields have the batch as first dimension. A field whose second dimension has
-    length ``T`` is taken to be indexed by token there.
+    length ``T`` is taken to be indexed by token there. The result owns its
+    memory, so the batch capture can be freed.
     """
     mask = captured.attention_mask
     batch, length = mask.shape
@@ -212,37 +226,78 @@ def _slice_capture(captured: Any, index: int) -> Any:
             value = value[index : index + 1]
             if value.ndim >= 2 and value.shape[1] == length:
                 value = value[:, positions]
+            value = value.clone()
         values[item.name] = value
     return dataclasses.replace(captured, **values)
 
 
-def _text_gradients(member: FittableMember, captured: Any) -> TextGradients:
-    """Build ``(index, cotangents [m, D]) -> [m, P]`` for the texts of one capture.
+class _CapturedText:
+    """One text's capture (cut to its tokens), its embedding, and its vector-Jacobian product."""
 
-    The capture's ``residual`` enters the block output as ``z = W a + b + r``, so the
-    gradient with respect to ``r`` is the gradient ``delta [T, H]`` with respect to the
-    layer output. Autograd runs once per text through the block output module,
-    pooling and normalisation, and the weight gradient is one matrix product
-    ``delta^T a`` per cotangent.
-    """
-    pullbacks: dict[int, tuple[Any, torch.Tensor]] = {}
+    __slots__ = ("_pullback", "capture", "embedding", "member")
+
+    def __init__(self, member: FittableMember, capture: Any, embedding: torch.Tensor) -> None:
+        self.member = member
+        self.capture = capture
+        self.embedding = embedding
+        self._pullback: Any = None
+
+    def gradients(self, cotangents: torch.Tensor) -> torch.Tensor:
+        """Return the parameter gradients ``[m, P]`` of ``cotangent . embedding``.
+
+        The capture's ``residual`` enters the block output as ``z = W a + b + r``,
+        so the gradient with respect to ``r`` is the gradient ``delta [T, H]``
+        with respect to the layer output. Autograd runs once per text through the
+        block output module, pooling and normalisation, and the weight gradient
+        is one matrix product ``delta^T a`` per cotangent.
+        """
+        if self._pullback is None:
+            single = self.capture
+
+            def embed(residual: torch.Tensor) -> torch.Tensor:
+                replaced = dataclasses.replace(single, residual=residual)
+                return self.member.embed_from_capture(replaced)
+
+            _, self._pullback = torch.func.vjp(embed, single.residual)
+        activations = self.capture.activations[0]
+        (delta,) = torch.func.vmap(self._pullback)(cotangents[:, None, :].to(activations.dtype))
+        delta = delta[:, 0]  # [m, T, H]
+        copies, hidden = cotangents.shape[0], delta.shape[2]
+        weight_size = hidden * activations.shape[1]
+        # Weight gradients [m, H, I] and bias gradients [m, H] written side by side.
+        result = torch.empty(copies, weight_size + hidden, dtype=delta.dtype, device=delta.device)
+        torch.bmm(
+            delta.transpose(1, 2),
+            activations.expand(copies, -1, -1),
+            out=result[:, :weight_size].view(copies, hidden, -1),
+        )
+        torch.sum(delta, dim=1, out=result[:, weight_size:])
+        return result
+
+
+def _capture_texts(
+    member: FittableMember, texts: Sequence[str], kind: str
+) -> dict[str, _CapturedText]:
+    """Capture distinct texts in forward passes of similar length (by characters)."""
+    ordered = sorted(set(texts), key=len)
+    captured: dict[str, _CapturedText] = {}
+    for start in range(0, len(ordered), CAPTURE_BATCH_SIZE):
+        chunk = ordered[start : start + CAPTURE_BATCH_SIZE]
+        batch_capture = member.capture(chunk, kind)
+        with torch.no_grad():
+            embeddings = member.embed_from_capture(batch_capture)
+        for index, text in enumerate(chunk):
+            captured[text] = _CapturedText(
+                member, _slice_capture(batch_capture, index), embeddings[index]
+            )
+    return captured
+
+
+def _text_gradients(texts: list[_CapturedText]) -> TextGradients:
+    """Build ``(index, cotangents [m, D]) -> [m, P]`` over the texts of one batch."""
 
     def gradients(index: int, cotangents: torch.Tensor) -> torch.Tensor:
-        if index not in pullbacks:
-            single = _slice_capture(captured, index)
-
-            def embed(residual: torch.Tensor, single: Any = single) -> torch.Tensor:
-                return member.embed_from_capture(dataclasses.replace(single, residual=residual))
-
-            _, pullback = torch.func.vjp(embed, single.residual)
-            pullbacks[index] = (pullback, single.activations[0])
-        pullback, activations = pullbacks[index]
-        (delta,) = torch.func.vmap(pullback)(cotangents[:, None, :].to(activations.dtype))
-        delta = delta[:, 0]  # [m, T, H]
-        copies = cotangents.shape[0]
-        grad_weight = torch.matmul(delta.transpose(1, 2), activations)  # [m, H, I]
-        grad_bias = delta.sum(dim=1)
-        return torch.cat([grad_weight.reshape(copies, -1), grad_bias], dim=1)
+        return texts[index].gradients(cotangents)
 
     return gradients
 
@@ -257,6 +312,7 @@ def _accumulate_curvature(
     layer = member.layer
     total = torch.zeros(layer.weight.numel() + layer.bias.numel(), dtype=torch.float64)
     nll = 0.0
+    per_window = max(1, CAPTURE_WINDOW // max(len(batches[0].queries), 1))
     progress = tqdm(
         total=sum(len(batch.queries) for batch in batches),
         desc=f"curvature ({curvature})",
@@ -264,25 +320,31 @@ def _accumulate_curvature(
         disable=not show_progress,
     )
     with progress:
-        for batch in batches:
-            query_capture = member.capture(batch.queries, "query")
-            passage_capture = member.capture(batch.passages, "document")
-            with torch.no_grad():
-                queries = member.embed_from_capture(query_capture)
-                passages = member.embed_from_capture(passage_capture)
-            result = infonce_curvature(
-                queries,
-                passages,
-                batch.targets,
-                _text_gradients(member, query_capture),
-                _text_gradients(member, passage_capture),
-                temperature=temperature,
-                curvature=curvature,
-                mask=batch.mask,
+        for first in range(0, len(batches), per_window):
+            window = batches[first : first + per_window]
+            queries = _capture_texts(
+                member, [text for batch in window for text in batch.queries], "query"
             )
-            total += result.diagonal.double()
-            nll += result.nll
-            progress.update(len(batch.queries))
+            passages = _capture_texts(
+                member, [text for batch in window for text in batch.passages], "document"
+            )
+            for batch in window:
+                batch_queries = [queries[text] for text in batch.queries]
+                batch_passages = [passages[text] for text in batch.passages]
+                result = infonce_curvature(
+                    torch.stack([text.embedding for text in batch_queries]),
+                    torch.stack([text.embedding for text in batch_passages]),
+                    batch.targets,
+                    _text_gradients(batch_queries),
+                    _text_gradients(batch_passages),
+                    temperature=temperature,
+                    curvature=curvature,
+                    mask=batch.mask,
+                )
+                total += result.diagonal.double()
+                nll += result.nll
+                progress.update(len(batch.queries))
+            del queries, passages
     return total, nll
 
 
@@ -305,25 +367,48 @@ def _probit_log_likelihood(
     return total / count
 
 
-def _select_variance_scale(
-    member: Any, batches: list[_Batch], temperature: float
-) -> tuple[float, float, float, float]:
-    """Return the moment-matched scale and the held-out log-likelihood at it, at 1 and at 0.
+@dataclass(frozen=True)
+class _ScaleChoice:
+    scale: float
+    log_likelihood: float
+    log_likelihood_unscaled: float
+    log_likelihood_deterministic: float
+    traces: np.ndarray
 
-    The member must carry the unscaled posterior (``variance_scale`` 1).
+
+def _encode_distinct(member: Any, texts: Sequence[str], kind: str) -> tuple[Any, dict[str, int]]:
+    """Encode each distinct text once (the encoder sorts by length) and index the rows by text."""
+    distinct = sorted(set(texts))
+    return member.encode(distinct, kind, show_progress=False), {
+        text: row for row, text in enumerate(distinct)
+    }
+
+
+def _select_variance_scale(member: Any, batches: list[_Batch], temperature: float) -> _ScaleChoice:
+    """Choose the moment-matched scale and report the held-out log-likelihoods.
+
+    The member must carry the unscaled posterior (``variance_scale`` 1). The
+    result also carries the unscaled traces of the distinct held-out texts.
     """
+    query, query_rows = _encode_distinct(
+        member, [text for batch in batches for text in batch.queries], "query"
+    )
+    passage, passage_rows = _encode_distinct(
+        member, [text for batch in batches for text in batch.passages], "document"
+    )
+    query_mean = torch.from_numpy(query.mean).double()
+    query_variance = torch.from_numpy(query.variance).double()
+    passage_mean = torch.from_numpy(passage.mean).double()
+    passage_variance = torch.from_numpy(passage.variance).double()
+
     prepared = []
     squared_error = 0.0
     trace = 0.0
     for batch in batches:
-        query = member.encode(batch.queries, "query", show_progress=False)
-        passage = member.encode(batch.passages, "document", show_progress=False)
-        mu_q, var_q = (
-            torch.from_numpy(query.mean).double(),
-            torch.from_numpy(query.variance).double(),
-        )
-        mu_c = torch.from_numpy(passage.mean).double()
-        var_c = torch.from_numpy(passage.variance).double()
+        rows_q = torch.tensor([query_rows[text] for text in batch.queries])
+        rows_c = torch.tensor([passage_rows[text] for text in batch.passages])
+        mu_q, var_q = query_mean[rows_q], query_variance[rows_q]
+        mu_c, var_c = passage_mean[rows_c], passage_variance[rows_c]
         positive_mean, positive_variance = mu_c[batch.targets], var_c[batch.targets]
         squared_error += float((mu_q - positive_mean).square().sum())
         trace += float(var_q.sum() + positive_variance.sum())
@@ -343,11 +428,18 @@ def _select_variance_scale(
             "variance scale would be 0; hold out pairs whose texts differ"
         )
     scale = squared_error / trace
-    return (
-        scale,
-        _probit_log_likelihood(prepared, scale, temperature),
-        _probit_log_likelihood(prepared, 1.0, temperature),
-        _probit_log_likelihood(prepared, 0.0, temperature),
+    traces = np.concatenate(
+        [
+            query.variance.astype(np.float64).sum(axis=1),
+            passage.variance.astype(np.float64).sum(axis=1),
+        ]
+    )
+    return _ScaleChoice(
+        scale=scale,
+        log_likelihood=_probit_log_likelihood(prepared, scale, temperature),
+        log_likelihood_unscaled=_probit_log_likelihood(prepared, 1.0, temperature),
+        log_likelihood_deterministic=_probit_log_likelihood(prepared, 0.0, temperature),
+        traces=traces,
     )
 
 
@@ -485,13 +577,15 @@ def fit_posterior(
 
     scale, held_out_ll, held_out_ll_unscaled, held_out_ll_deterministic = 1.0, None, None, None
     if held_out:
-        scale, held_out_ll, held_out_ll_unscaled, held_out_ll_deterministic = (
-            _select_variance_scale(
-                member.with_posterior(posterior),
-                _make_batches(held_out, batch_size, positives),
-                temperature,
-            )
+        choice = _select_variance_scale(
+            member.with_posterior(posterior),
+            _make_batches(held_out, batch_size, positives),
+            temperature,
         )
+        scale = choice.scale
+        held_out_ll = choice.log_likelihood
+        held_out_ll_unscaled = choice.log_likelihood_unscaled
+        held_out_ll_deterministic = choice.log_likelihood_deterministic
         logger.info(
             "variance scale %.4g: held-out log-likelihood %.4f per query "
             "(%.4f at scale 1, %.4f without variance)",
@@ -500,8 +594,11 @@ def fit_posterior(
             held_out_ll_unscaled,
             held_out_ll_deterministic,
         )
+        # The delta-method variance is linear in the scale.
+        reference = float(np.median(scale * choice.traces))
     posterior = posterior.with_metadata(variance_scale=scale)
-    reference = _reference_trace(member.with_posterior(posterior), fit_pairs, seed)
+    if not held_out:
+        reference = _reference_trace(member.with_posterior(posterior), fit_pairs, seed)
     posterior = posterior.with_metadata(reference_trace=reference)
 
     return FitResult(
