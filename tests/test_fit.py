@@ -40,7 +40,8 @@ def test_load_pairs_jsonl(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"query": "q", "positive": ', "invalid JSON"),
+        ('{"query": "q", "positive": ', "invalid JSON at column 28: Expecting value"),
+        ('{"query": "q\tx", "positive": "p"}', "at column 13: Invalid control character$"),
         ('{"query": "q"}', "missing field 'positive'"),
         ('{"query": 3, "positive": "p"}', "field 'query' must be a string"),
         ('{"query": "  ", "positive": "p"}', "field 'query' is empty"),
@@ -64,8 +65,10 @@ def test_load_pairs_missing_path(tmp_path):
 
 
 def test_load_pairs_empty_file(tmp_path):
-    with pytest.raises(DataFormatError, match="contains no pairs"):
-        load_pairs(_write_lines(tmp_path / "empty.jsonl", [""]))
+    path = _write_lines(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(DataFormatError, match="contains no pairs") as error:
+        load_pairs(path)
+    assert str(error.value) == f"{path}: the file contains no pairs"
 
 
 def test_load_pairs_beir_train_split(data_dir):
@@ -369,3 +372,24 @@ def test_cli_fit_reports_bad_line(tmp_path, capsys):
     status = main(["fit", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "x")])
     assert status == 2
     assert f"{data}, line 2: invalid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--batch-size", "1"], "error: --batch-size must be >= 2 (in-batch negatives), got 1"),
+        (["--held-out", "1.5"], "error: --held-out must be in [0, 1), got 1.5"),
+        (["--temperature", "0"], "error: --temperature must be finite and > 0, got 0.0"),
+        (["--model", "minilmx"], "error: --model minilmx: unknown model 'minilmx'"),
+        (["--model", "{folder}"], "has no config.json"),
+    ],
+)
+def test_cli_fit_names_the_bad_option(tmp_path, capsys, options, message):
+    data = _write_lines(
+        tmp_path / "pairs.jsonl",
+        [json.dumps({"query": f"q{index}", "positive": f"p{index}"}) for index in range(4)],
+    )
+    arguments = ["fit", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "x")]
+    status = main(arguments + [option.format(folder=tmp_path) for option in options])
+    assert status == 2
+    assert message in capsys.readouterr().err

@@ -148,9 +148,18 @@ def test_head_posterior_round_trip_and_mismatch(tmp_path):
     np.testing.assert_array_equal(
         loaded.encode(TEXTS).variance, head.with_posterior(path).encode(TEXTS).variance
     )
-    other = HeadEncoder(hashed_embedder, path, name="another-model")
+    # The mismatch is reported when the head is built, before any call of the embedder.
+    calls = []
+
+    def counting_embedder(texts):
+        calls.append(len(texts))
+        return hashed_embedder(texts)
+
     with pytest.raises(PosteriorMismatchError, match="does not belong"):
-        other.encode(TEXTS)
+        HeadEncoder(counting_embedder, path, name="another-model")
+    with pytest.raises(ValueError, match=r"covers a \[12, 12\] head, but dim=8 was passed"):
+        HeadEncoder(counting_embedder, path, name="hashed", dim=8)
+    assert calls == []
 
 
 def test_head_fit_shrinks_variance(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from model_folders import sentence_transformers_modules
 
-from uec_rag._io import atomic_directory
+from uec_rag._io import atomic_directory, atomic_file
 from uec_rag.encoders import _mpnet, presets
 from uec_rag.encoders.presets import (
     PRESETS,
@@ -530,6 +530,21 @@ def test_atomic_directory_crash_leaves_nothing(tmp_path: Path) -> None:
 
     assert not target.exists()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "posterior.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "posterior.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["model", "posterior.safetensors"]
 
 
 @needs_mpnet

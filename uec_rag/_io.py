@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["CACHE_ENV", "atomic_directory", "atomic_file", "cache_dir"]
@@ -38,6 +38,22 @@ def cache_dir() -> Path:
     return path
 
 
+def _new_sibling(target: Path, create: Callable[[Path], None]) -> Path:
+    """Create a fresh hidden temporary next to ``target`` with ``create`` and return its path.
+
+    Unlike ``mkstemp`` and ``mkdtemp``, which make owner-only entries, the callers
+    create with modes 0o666 and 0o777 and let the umask decide, so the result gets
+    the permissions of a file or folder made the ordinary way.
+    """
+    while True:
+        candidate = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary folder that is renamed to ``target`` on success.
@@ -49,7 +65,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _new_sibling(target, lambda path: os.mkdir(path, 0o777))
     try:
         yield tmp
         try:
@@ -66,9 +82,9 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path that is renamed to ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_sibling(
+        target, lambda path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    )
     try:
         yield tmp
         os.replace(tmp, target)

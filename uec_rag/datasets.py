@@ -31,12 +31,23 @@ __all__ = [
 
 
 class DataFormatError(ValueError):
-    """A data file is malformed; the message names the file, line and field."""
+    """A data file is malformed; the message names the file, line and field.
+
+    ``line`` is 1-based; 0 means the problem concerns the whole file, and the
+    message then names no line.
+    """
 
     def __init__(self, path: Path | str, line: int, message: str) -> None:
-        super().__init__(f"{path}, line {line}: {message}")
+        where = f"{path}, line {line}" if line > 0 else f"{path}"
+        super().__init__(f"{where}: {message}")
         self.path = Path(path)
         self.line = line
+
+    @classmethod
+    def from_json(cls, path: Path | str, line: int, error: json.JSONDecodeError) -> DataFormatError:
+        """Describe a JSON syntax error with its column and reason."""
+        reason = error.msg.removesuffix(" at")
+        return cls(path, line, f"invalid JSON at column {error.colno}: {reason}")
 
 
 @dataclass
@@ -73,9 +84,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                raise DataFormatError(path, line_number, f"invalid JSON: {error.msg}") from None
+                raise DataFormatError.from_json(path, line_number, error) from None
             if not isinstance(record, dict):
                 raise DataFormatError(
                     path, line_number, f"expected a JSON object, got {type(record).__name__}"
@@ -337,7 +348,7 @@ def convert_squad_to_beir(
     try:
         document = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DataFormatError(source, error.lineno, f"invalid JSON: {error.msg}") from None
+        raise DataFormatError.from_json(source, error.lineno, error) from None
     articles = _squad_field(source, "top level", document, "data", list)
 
     corpus_rows: list[dict[str, str]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,17 @@ def run(args: argparse.Namespace) -> int:
     from uec_rag.laplace.fit import fit_posterior
 
     write = sys.stdout.write
+    problems = []
     if args.max_pairs is not None and args.max_pairs < 2:
-        sys.stderr.write(f"error: --max-pairs must be >= 2, got {args.max_pairs}\n")
+        problems.append(f"--max-pairs must be >= 2, got {args.max_pairs}")
+    if args.batch_size < 2:
+        problems.append(f"--batch-size must be >= 2 (in-batch negatives), got {args.batch_size}")
+    if not 0.0 <= args.held_out < 1.0:
+        problems.append(f"--held-out must be in [0, 1), got {args.held_out}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        problems.append(f"--temperature must be finite and > 0, got {args.temperature}")
+    if problems:
+        sys.stderr.write("".join(f"error: {problem}\n" for problem in problems))
         return 2
 
     try:
@@ -104,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: {error}\n")
         return 2
 
-    member = load_encoder(args.model, posterior=None)
+    try:
+        member = load_encoder(args.model, posterior=None)
+    except (ValueError, FileNotFoundError) as error:
+        sys.stderr.write(f"error: --model {args.model}: {error}\n")
+        return 2
     try:
         result = fit_posterior(
             member,

@@ -147,11 +147,14 @@ class HeadEncoder:
         self._layer: nn.Linear | None = None
         self._posterior: DiagonalPosterior | None = None
         self._prior_warning_logged = False
+        self._dim_passed = dim is not None
         if isinstance(posterior, DiagonalPosterior):
             self._dim = posterior.shape[1] if dim is None else dim
         elif posterior is not None:
             self._posterior = DiagonalPosterior.load(posterior)
             self._dim = self._posterior.shape[1] if dim is None else dim
+        if posterior is not None:
+            self.posterior  # noqa: B018  (checks shape and fingerprint now, without a call)
 
     # ------------------------------------------------------------- properties
 
@@ -200,9 +203,14 @@ class HeadEncoder:
                 )
             self._posterior = posterior
         if self._posterior.shape != (self.dim, self.dim):
+            source = (
+                f"dim={self.dim} was passed"
+                if self._dim_passed
+                else f"{self._name} returns {self.dim}-dimensional vectors"
+            )
             raise ValueError(
-                f"posterior covers a {list(self._posterior.shape)} head, but {self._name} "
-                f"returns {self.dim}-dimensional vectors"
+                f"posterior covers a {list(self._posterior.shape)} head, but {source}; "
+                "pass the posterior fitted for this embedder and dimension"
             )
         self._posterior.check_compatible(self.model_fingerprint())
         return self._posterior
