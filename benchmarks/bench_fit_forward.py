@@ -1,6 +1,6 @@
 """Benchmark: the forward-pass floor under a posterior fit.
 
-Draws the fit pairs exactly as ``uec-rag fit --max-pairs N`` does (seed 0) and times
+Draws the fit pairs exactly as ``uec-rag fit --max-pairs N`` does by default and times
 the plain ``encode`` of their distinct queries and distinct passages, each text
 once and sorted by length. No fit can read these pairs in less time, so the
 number shows how much of a fit's time the model's own forward passes take.

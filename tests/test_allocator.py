@@ -48,7 +48,7 @@ glibc = pytest.mark.skipif(
 
 
 @glibc
-def test_large_blocks_leave_mmap_after_the_setting():
+def test_setting_stops_mmap_for_large_blocks():
     result = subprocess.run(
         [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True
     )
@@ -56,13 +56,13 @@ def test_large_blocks_leave_mmap_after_the_setting():
     assert result.stdout.split() == ["True", "True", "0"]
 
 
-def test_other_c_libraries_are_left_alone(monkeypatch):
+def test_other_libc_left_alone(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert keep_freed_memory() is False
 
 
 @pytest.mark.parametrize(("value", "calls"), [(None, 1), ("0", 0), ("1", 1)])
-def test_cli_applies_the_setting_unless_turned_off(monkeypatch, tmp_path, value, calls):
+def test_cli_setting_and_opt_out(monkeypatch, tmp_path, value, calls):
     recorded = []
     monkeypatch.setattr(uec_rag.cli, "keep_freed_memory", lambda: recorded.append(True))
     if value is None:

@@ -384,7 +384,7 @@ def test_cli_fit_reports_bad_line(tmp_path, capsys):
         (["--model", "{folder}"], "has no config.json"),
     ],
 )
-def test_cli_fit_names_the_bad_option(tmp_path, capsys, options, message):
+def test_cli_fit_names_bad_option(tmp_path, capsys, options, message):
     data = _write_lines(
         tmp_path / "pairs.jsonl",
         [json.dumps({"query": f"q{index}", "positive": f"p{index}"}) for index in range(4)],

@@ -193,7 +193,7 @@ def _spearman(first: np.ndarray, second: np.ndarray) -> float:
 @pytest.mark.xfail(
     reason="measured Spearman -0.10: layer-mode traces follow the norm of the pooled vector "
     "before normalisation, which normalised black-box outputs do not carry (see "
-    "docs/posteriors.md, head mode and test_layer_traces_follow_the_pooled_norm)",
+    "docs/posteriors.md, head mode and test_layer_trace_follows_pooled_norm)",
     strict=False,
 )
 def test_head_traces_rank_like_layer_mode(data_dir):
@@ -226,7 +226,7 @@ def test_head_traces_rank_like_layer_mode(data_dir):
 
 
 @pytest.mark.slow
-def test_layer_traces_follow_the_pooled_norm(data_dir):
+def test_layer_trace_follows_pooled_norm(data_dir):
     """The layer-mode trace of a normalising model grows as its pooled vector shrinks."""
     from uec_rag.datasets import load_beir
     from uec_rag.encoders import load_encoder, shipped_posterior_path

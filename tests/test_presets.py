@@ -533,7 +533,7 @@ def test_atomic_directory_crash_leaves_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int) -> None:
+def test_atomic_writes_follow_umask(tmp_path: Path, umask: int) -> None:
     previous = os.umask(umask)
     try:
         with atomic_file(tmp_path / "posterior.safetensors") as tmp:

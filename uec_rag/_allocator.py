@@ -1,14 +1,15 @@
 """Ask the C allocator to keep freed memory for reuse (glibc only).
 
 A forward pass of a base-size model and the curvature of a fit allocate and free
-tensors of tens to hundreds of MiB many times per second. By default glibc serves
+tensors of tens to hundreds of MiB over and over. By default glibc serves
 each such block with a fresh ``mmap`` and returns it to the system on ``free``,
 so the kernel zeroes the same pages again and again. On two cores this costs a
 quarter of the CPU time of an mpnet fit. With ``M_MMAP_MAX = 0`` glibc serves
 large blocks from its heap, and a high ``M_TRIM_THRESHOLD`` keeps freed heap
-memory for the next block. The resident size grows by about a quarter in
-exchange. This is the effect of the environment variables ``MALLOC_MMAP_MAX_=0``
-and ``MALLOC_TRIM_THRESHOLD_``, applied to a running process.
+memory for the next block. In exchange the resident size grows, by a quarter
+to a third in the mpnet fits measured for docs/benchmarks.md. This is the effect
+of the environment variables ``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_``,
+applied to a running process.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to 2 GiB for this process.
+    """Set glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to 2 GiB - 1 for this process.
 
     Returns
     -------

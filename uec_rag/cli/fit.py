@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from uec_rag.laplace.fit import fit_posterior
 
     write = sys.stdout.write
-    problems = []
+    problems: list[str] = []
     if args.max_pairs is not None and args.max_pairs < 2:
         problems.append(f"--max-pairs must be >= 2, got {args.max_pairs}")
     if args.batch_size < 2:

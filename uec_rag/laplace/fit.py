@@ -88,7 +88,8 @@ DEFAULT_HELD_OUT_FRACTION = 0.2
 """Share of the pairs kept out of the curvature and used to choose the variance scale."""
 
 REFERENCE_TEXTS = 256
-"""Most fit texts whose median trace is the reference trace when nothing is held out."""
+"""Maximum number of fit texts whose median trace is the reference trace when nothing
+is held out."""
 
 CAPTURE_WINDOW = 32
 """Pairs whose distinct texts are captured together. Larger windows pad less and
@@ -279,7 +280,8 @@ def _capture_texts(
     member: FittableMember, texts: Sequence[str], kind: str
 ) -> dict[str, _CapturedText]:
     """Capture distinct texts in forward passes of similar length (by characters)."""
-    ordered = sorted(set(texts), key=len)
+    # The text breaks ties, so the sub-batches, and so the float rounding, repeat across runs.
+    ordered = sorted(set(texts), key=lambda text: (len(text), text))
     captured: dict[str, _CapturedText] = {}
     for start in range(0, len(ordered), CAPTURE_BATCH_SIZE):
         chunk = ordered[start : start + CAPTURE_BATCH_SIZE]
@@ -312,7 +314,7 @@ def _accumulate_curvature(
     layer = member.layer
     total = torch.zeros(layer.weight.numel() + layer.bias.numel(), dtype=torch.float64)
     nll = 0.0
-    per_window = max(1, CAPTURE_WINDOW // max(len(batches[0].queries), 1))
+    per_window = max(1, CAPTURE_WINDOW // len(batches[0].queries))
     progress = tqdm(
         total=sum(len(batch.queries) for batch in batches),
         desc=f"curvature ({curvature})",
@@ -369,11 +371,18 @@ def _probit_log_likelihood(
 
 @dataclass(frozen=True)
 class _ScaleChoice:
+    """Variance scale, held-out log-likelihoods and unscaled held-out traces."""
+
     scale: float
     log_likelihood: float
     log_likelihood_unscaled: float
     log_likelihood_deterministic: float
     traces: np.ndarray
+
+
+def _text_traces(encoded: Any) -> np.ndarray:
+    """Return the covariance trace of each encoded text, in float64."""
+    return encoded.variance.astype(np.float64).sum(axis=1)
 
 
 def _encode_distinct(member: Any, texts: Sequence[str], kind: str) -> tuple[Any, dict[str, int]]:
@@ -428,18 +437,12 @@ def _select_variance_scale(member: Any, batches: list[_Batch], temperature: floa
             "variance scale would be 0; hold out pairs whose texts differ"
         )
     scale = squared_error / trace
-    traces = np.concatenate(
-        [
-            query.variance.astype(np.float64).sum(axis=1),
-            passage.variance.astype(np.float64).sum(axis=1),
-        ]
-    )
     return _ScaleChoice(
         scale=scale,
         log_likelihood=_probit_log_likelihood(prepared, scale, temperature),
         log_likelihood_unscaled=_probit_log_likelihood(prepared, 1.0, temperature),
         log_likelihood_deterministic=_probit_log_likelihood(prepared, 0.0, temperature),
-        traces=traces,
+        traces=np.concatenate([_text_traces(query), _text_traces(passage)]),
     )
 
 
@@ -453,8 +456,7 @@ def _reference_trace(member: Any, pairs: Sequence[tuple[str, str]], seed: int) -
     for kind in ("query", "document"):
         selected = [text for text, text_kind in texts if text_kind == kind]
         if selected:
-            encoded = member.encode(selected, kind, show_progress=False)
-            traces.append(encoded.variance.astype(np.float64).sum(axis=1))
+            traces.append(_text_traces(member.encode(selected, kind, show_progress=False)))
     return float(np.median(np.concatenate(traces)))
 
 
@@ -596,10 +598,10 @@ def fit_posterior(
         )
         # The delta-method variance is linear in the scale.
         reference = float(np.median(scale * choice.traces))
-    posterior = posterior.with_metadata(variance_scale=scale)
-    if not held_out:
+    else:
+        # Without held-out pairs the scale is 1, so the unscaled posterior is the final one.
         reference = _reference_trace(member.with_posterior(posterior), fit_pairs, seed)
-    posterior = posterior.with_metadata(reference_trace=reference)
+    posterior = posterior.with_metadata(variance_scale=scale, reference_trace=reference)
 
     return FitResult(
         posterior=posterior,
